@@ -1,0 +1,38 @@
+# Two entry points for newcomers; each does all its own set-up.
+#   make quickstart  - install, then train the quickstart job
+#   make test        - install, then run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+
+.PHONY: install install-test quickstart test dataset
+
+$(VENV)/.installed: pyproject.toml setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch first: on a machine with torch wheels on disk, pip takes them from there
+	$(PIP) install -q "torch==2.14.1" "torchvision==0.29.1" || $(PIP) install -q torch torchvision
+	$(PIP) install -q -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+dataset:
+	@test -d /usr/share/datasets/fashion-mnist || \
+	  (command -v apt-get >/dev/null && (apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+	   (apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist >/dev/null))) || \
+	  echo "note: could not install dataset-fashion-mnist; install it with: sudo apt-get install dataset-fashion-mnist"
+
+quickstart: install dataset
+	$(VENV)/bin/raygen train jobs/specs/quickstart.yaml
+
+# Tests that start Ray or a server run in a loopback-only network namespace
+# (Ray otherwise binds the machine's own address). Without unshare rights the
+# suite runs as is.
+test: install dataset
+	@if unshare -n true 2>/dev/null; then \
+	  unshare -n bash -c 'ip link set lo up && $(PY) -m pytest -p no:cacheprovider $(PYTEST_ARGS)'; \
+	else \
+	  $(PY) -m pytest -p no:cacheprovider $(PYTEST_ARGS); \
+	fi

@@ -1,0 +1,1 @@
+"""What users run: the `raygen` CLI and the job runners."""

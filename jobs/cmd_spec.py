@@ -1,0 +1,41 @@
+"""`raygen spec validate|show|schema`."""
+from __future__ import annotations
+
+import json
+
+import yaml
+
+
+def register(sub) -> None:
+    p = sub.add_parser("spec", help="validate, show or describe job specs")
+    s = p.add_subparsers(dest="spec_command", metavar="ACTION", required=True)
+    v = s.add_parser("validate", help="check a spec file; exit 2 with the problems if it is invalid")
+    v.add_argument("file")
+    v.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override")
+    v.set_defaults(func=validate)
+    sh = s.add_parser("show", help="print the resolved spec with defaults and overrides applied")
+    sh.add_argument("file")
+    sh.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override")
+    sh.set_defaults(func=show)
+    sc = s.add_parser("schema", help="print the JSON schema of job specs (for editors)")
+    sc.set_defaults(func=schema)
+
+
+def validate(args) -> int:
+    from raygen.spec import load_spec
+    spec = load_spec(args.file, args.set)
+    print(f"{args.file}: ok ({spec.model.family} model, {spec.scale.workers} worker(s), {spec.scale.strategy})")
+    return 0
+
+
+def show(args) -> int:
+    from raygen.spec import load_spec
+    from raygen.spec.loader import spec_to_dict
+    print(yaml.safe_dump(spec_to_dict(load_spec(args.file, args.set)), sort_keys=False), end="")
+    return 0
+
+
+def schema(args) -> int:
+    from raygen.spec import JobSpec
+    print(json.dumps(JobSpec.model_json_schema(), indent=2))
+    return 0

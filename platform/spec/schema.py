@@ -1,0 +1,243 @@
+"""Typed sections of the job spec.
+
+Every section forbids unknown keys so a typo fails before anything starts.
+The model section names a family; its `options` are validated by the config
+class that family registered (see raygen.models.registry).
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ---------------------------------------------------------------- data
+class AugmentSpec(Section):
+    hflip: bool = False
+    vflip: bool = False
+    shift: int = Field(0, ge=0, description="random pixel shift with zero padding (seed 001: 4)")
+    crop: int | None = Field(None, gt=0, description="random crop to this size (train only)")
+
+
+class DataSpec(Section):
+    dataset: str = Field("fashion-mnist", description="built-in name (fashion-mnist, digits, spheres, kali, shapes) or a path to prepared shards")
+    root: str = Field("runs/data", description="folder where built-in datasets are prepared")
+    source: str | None = Field(None, description="raw source path overriding the built-in default")
+    resolution: int = Field(16, ge=4, le=1024)
+    channels: Literal[1, 3] = 1
+    count: int | None = Field(None, gt=0, description="use at most this many training images")
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    seed: int = 0
+    batch_size: int = Field(64, ge=1, description="per worker, per micro-step")
+    shuffle_buffer: int = Field(1024, ge=0)
+    prefetch_batches: int = Field(2, ge=0)
+    bad_size_policy: Literal["resize", "reject"] = "resize"
+    augment: AugmentSpec = Field(default_factory=AugmentSpec)
+
+
+# ---------------------------------------------------------------- model
+class ModelSpec(Section):
+    family: str = Field("seqimg", description="registered model family")
+    options: dict[str, Any] = Field(default_factory=dict, description="family options, validated by the family's config")
+    _config: Any = PrivateAttr(default=None)
+
+    @field_validator("family")
+    @classmethod
+    def _known_family(cls, v: str) -> str:
+        from raygen.models.registry import family_names
+        names = family_names()
+        if v not in names:
+            raise ValueError(f"unknown model family '{v}'; choose one of: {', '.join(names)}")
+        return v
+
+    @model_validator(mode="after")
+    def _validate_options(self) -> "ModelSpec":
+        from pydantic import ValidationError
+
+        from raygen.models.registry import get_family
+        from raygen.spec.errors import SpecError, format_pydantic_errors
+        try:
+            self._config = get_family(self.family).config_cls.model_validate(self.options)
+        except ValidationError as err:
+            raise SpecError(format_pydantic_errors(err, ("options",))) from None
+        return self
+
+    @property
+    def config(self):
+        """The family's typed config object."""
+        return self._config
+
+
+# ---------------------------------------------------------------- train
+class OptimizerSpec(Section):
+    name: Literal["adam", "adamw", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.99)
+    momentum: float = Field(0.9, ge=0, description="SGD only")
+    scale_lr_with_batch: Literal["none", "linear", "sqrt"] = Field(
+        "none", description="scale lr by global_batch / base_batch")
+    base_batch: int = Field(64, ge=1)
+
+
+class ScheduleSpec(Section):
+    name: Literal["constant", "warmup_cosine", "cosine", "onecycle", "step"] = "warmup_cosine"
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    step_size: int = Field(1000, ge=1, description="step decay: steps between decays")
+    gamma: float = Field(0.5, gt=0, le=1, description="step decay factor")
+    pct_start: float = Field(0.3, gt=0, lt=1, description="one-cycle warm-up fraction")
+
+
+class ClipSpec(Section):
+    norm: float | None = Field(1.0, gt=0, description="clip gradients to this global L2 norm")
+    value: float | None = Field(None, gt=0, description="clamp each gradient element to ±value")
+
+
+class EMASpec(Section):
+    enabled: bool = True
+    decay: float = Field(0.999, gt=0, lt=1)
+    start_step: int = Field(0, ge=0)
+
+
+class NanGuardSpec(Section):
+    max_consecutive: int = Field(5, ge=1, description="stop after this many non-finite steps in a row")
+
+
+class TrainSpec(Section):
+    steps: int = Field(500, ge=1, description="optimizer steps")
+    grad_accum: int = Field(1, ge=1)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    loss_scale_floor: float = Field(128.0, gt=0, description="fp16 only: minimum dynamic loss scale (seed 002)")
+    initial_loss_scale: float = Field(2.0**16, gt=0)
+    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
+    clip: ClipSpec = Field(default_factory=ClipSpec)
+    ema: EMASpec = Field(default_factory=EMASpec)
+    nan_guard: NanGuardSpec = Field(default_factory=NanGuardSpec)
+    seed: int = 0
+    log_every: int = Field(10, ge=1)
+    eval_every: int = Field(100, ge=1)
+    val_batches: int = Field(4, ge=1)
+    checkpoint_every: int = Field(100, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    best_metric: str | None = Field("val_loss", description="keep the best checkpoint by this metric")
+    best_mode: Literal["min", "max"] = "min"
+    grid_samples: int = Field(16, ge=1, le=256)
+
+
+# ---------------------------------------------------------------- scale
+class ScaleSpec(Section):
+    workers: int = Field(2, ge=1)
+    strategy: Literal["ddp", "deepspeed"] = "deepspeed"
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    deepspeed_config: str | None = Field(None, description="JSON file merged over the generated DeepSpeed config")
+    use_gpu: bool = False
+    cpus_per_worker: float | None = Field(None, gt=0, description="default: fits workers plus data tasks on the cluster")
+    max_failures: int = Field(0, ge=-1, description="worker failures to recover from (-1: unlimited)")
+    address: str | None = Field(None, description="Ray cluster address; default RAY_ADDRESS or an embedded cluster")
+
+    @model_validator(mode="after")
+    def _offload_needs_zero(self) -> "ScaleSpec":
+        if self.strategy == "deepspeed":
+            if self.offload_params and self.zero_stage != 3:
+                raise ValueError("offload_params needs zero_stage 3")
+            if self.offload_optimizer and self.zero_stage == 0:
+                raise ValueError("offload_optimizer needs zero_stage 1, 2 or 3")
+        return self
+
+
+# ---------------------------------------------------------------- track
+class FIDSpec(Section):
+    every: int = Field(0, ge=0, description="compute FID every N steps (0: only at the end)")
+    samples: int = Field(256, ge=16)
+    extractor: str = Field("domain", description="'domain' (a feature net trained on the dataset) or 'inception:PATH'")
+    enabled: bool = True
+
+
+class TrackSpec(Section):
+    tracking_uri: str | None = Field(None, description="default: sqlite:///<run_dir>/mlflow.db")
+    experiment: str = "raygen"
+    register_model: bool = True
+    fid: FIDSpec = Field(default_factory=FIDSpec)
+
+
+# ---------------------------------------------------------------- tune
+class TuneSchedulerSpec(Section):
+    name: Literal["asha", "hyperband", "median", "pbt", "fifo"] = "asha"
+    grace_period: int = Field(1, ge=1, description="reports before a trial may be stopped")
+    reduction_factor: float = Field(2.0, gt=1)
+    perturbation_interval: int = Field(2, ge=1, description="PBT only")
+
+
+_DIST = {"choice", "grid", "uniform", "loguniform", "randint", "quniform"}
+
+
+class TuneSpec(Section):
+    space: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="dotted spec key -> {choice: [...]} | {grid: [...]} | {uniform: [lo, hi]} | {loguniform: [lo, hi]} | {randint: [lo, hi]}")
+    filter: str | None = Field(None, description="expression over ${key} that a config must satisfy, e.g. '${model.options.stride} <= ${model.options.patch}'")
+    num_samples: int = Field(4, ge=1)
+    metric: str = "val_loss"
+    mode: Literal["min", "max"] = "min"
+    scheduler: TuneSchedulerSpec = Field(default_factory=TuneSchedulerSpec)
+    max_concurrent: int = Field(1, ge=1)
+    report_every: int = Field(50, ge=1, description="steps between reports to the scheduler")
+
+    @field_validator("space")
+    @classmethod
+    def _check_space(cls, space: dict) -> dict:
+        for key, dist in space.items():
+            if not re.fullmatch(r"[A-Za-z_][\w\-]*(\.[A-Za-z_][\w\-]*)+", key):
+                raise ValueError(f"space key '{key}' must be a dotted spec path such as 'train.optimizer.lr'")
+            if len(dist) != 1 or next(iter(dist)) not in _DIST:
+                raise ValueError(f"space.{key} must be one of {sorted(_DIST)} with its arguments, e.g. {{loguniform: [1e-4, 1e-2]}}")
+            kind, args = next(iter(dist.items()))
+            if kind in ("choice", "grid") and (not isinstance(args, list) or not args):
+                raise ValueError(f"space.{key}.{kind} needs a non-empty list")
+            if kind in ("uniform", "loguniform", "randint", "quniform"):
+                if not isinstance(args, list) or len(args) not in (2, 3) or not args[0] < args[1]:
+                    raise ValueError(f"space.{key}.{kind} needs [low, high] with low < high")
+                if kind == "loguniform" and args[0] <= 0:
+                    raise ValueError(f"space.{key}.loguniform needs a positive low bound")
+        return space
+
+
+# ---------------------------------------------------------------- serve
+class ServeSpec(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    max_n: int = Field(16, ge=1, le=256, description="most images one request may ask for")
+    max_batch_size: int = Field(8, ge=1)
+    batch_wait_timeout_s: float = Field(0.02, ge=0)
+    max_queued_requests: int = Field(64, ge=1)
+    request_timeout_s: float = Field(120.0, gt=0)
+    replicas: int = Field(1, ge=1)
+
+
+# ---------------------------------------------------------------- whole job
+class JobSpec(Section):
+    name: str = Field("raygen-run", description="run name; also the registered model name")
+    run_dir: str = Field("runs", description="where runs, checkpoints and the embedded MLflow store live")
+    data: DataSpec = Field(default_factory=DataSpec)
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    scale: ScaleSpec = Field(default_factory=ScaleSpec)
+    track: TrackSpec = Field(default_factory=TrackSpec)
+    tune: TuneSpec = Field(default_factory=TuneSpec)
+    serve: ServeSpec = Field(default_factory=ServeSpec)
+
+    @field_validator("name")
+    @classmethod
+    def _name_chars(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}", v):
+            raise ValueError("name may hold letters, digits, '.', '_' and '-' (at most 100), starting with a letter or digit")
+        return v

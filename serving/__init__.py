@@ -1,0 +1,1 @@
+"""Ray Serve application that hosts raygen generators over HTTP."""

@@ -1,0 +1,49 @@
+"""Shared test set-up: a quiet, private environment and one Ray per session.
+
+Tests that start Ray or a server are marked `slow`; the suite is meant to run
+inside a loopback-only network namespace (see Makefile `test`), so every
+socket Ray opens is on 127.0.0.1.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAYGEN_NO_PROGRESS", "1")
+# Ray's socket paths must stay short: a private temp folder directly under /tmp.
+_TMP = Path(tempfile.mkdtemp(prefix="rg-"))
+os.environ.setdefault("RAY_TMPDIR", str(_TMP))
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One embedded Ray for the whole session (2 CPUs, small object store)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=2, object_store_memory=400 * 1024**2,
+                 include_dashboard=False, log_to_driver=False, _temp_dir=str(_TMP),
+                 runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)}})
+    yield ray
+    ray.shutdown()
+    if os.environ.get("CI") == "true":
+        subprocess.run(["ray", "stop", "--force"], capture_output=True, timeout=60)
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """Run a test in its own folder so `runs/` and friends land there."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
