@@ -40,6 +40,10 @@ class Generator(nn.Module):
     #: mapped to (type, default, help); used by the CLI and HTTP validation.
     sampling_options: dict[str, tuple[type, Any, str]] = {}
 
+    #: what `sample` conditions on: "none", "label" or "caption"
+    #: (families set it per instance from their config).
+    conditioning: str = "none"
+
     def __init__(self, data_info: DataInfo):
         super().__init__()
         self.data_info = data_info

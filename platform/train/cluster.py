@@ -1,0 +1,49 @@
+"""Join a Ray cluster or start an embedded one, with errors users can act on."""
+from __future__ import annotations
+
+import os
+
+from raygen.spec.errors import SpecError
+
+
+class ClusterError(RuntimeError):
+    pass
+
+
+def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, quiet: bool = True) -> dict:
+    """Connect to `address` / RAY_ADDRESS, or start a local cluster. Returns cluster resources."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if ray.is_initialized():
+        return ray.cluster_resources()
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        try:
+            ray.init(address=address, log_to_driver=not quiet, logging_level="ERROR")
+        except Exception as err:  # ConnectionError, TimeoutError, RuntimeError depending on the failure
+            raise ClusterError(
+                f"cannot reach the Ray cluster at {address!r} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). "
+                "Start it with `ray start --head` (or `ray up cluster.yaml`), check the address, "
+                "or unset RAY_ADDRESS to train on an embedded local cluster.") from None
+    else:
+        cpus = num_cpus or os.cpu_count() or 2
+        mem = min(2 * 1024**3, int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 0.1))
+        ray.init(address="local", num_cpus=cpus, object_store_memory=mem, include_dashboard=False,
+                 log_to_driver=True, logging_level="ERROR")
+    return ray.cluster_resources()
+
+
+def cpus_per_worker(requested: float | None, workers: int, total_cpus: float) -> float:
+    """Leave a CPU for Ray Data's read and decode tasks: workers at 1 CPU each on
+    a 2-core machine leave none, and the data stream then never starts."""
+    if requested is not None:
+        if requested * workers > total_cpus:
+            raise SpecError([f"scale.cpus_per_worker: {workers} workers × {requested} CPU exceed the cluster's "
+                             f"{total_cpus:g} CPUs; lower it or scale.workers"])
+        return requested
+    share = (total_cpus - 1.0) / workers
+    if share <= 0.05:
+        raise SpecError([f"scale.workers: {workers} workers do not fit on {total_cpus:g} CPUs with room for data loading; "
+                         "lower scale.workers or set scale.cpus_per_worker"])
+    return round(min(1.0, share), 3) if share < 1 else float(int(share))

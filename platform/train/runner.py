@@ -1,0 +1,152 @@
+"""Driver side of `raygen train`: data, cluster, tracking, TorchTrainer, wrap-up."""
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from raygen.spec.errors import SpecError
+from raygen.spec.loader import spec_to_dict
+from raygen.spec.schema import JobSpec
+from raygen.train.checkpoint import find_latest_checkpoint
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    run_id: str | None
+    tracking_uri: str
+    checkpoint: Path | None
+    model_uri: str | None
+    metrics: dict[str, float] = field(default_factory=dict)
+    grid: Path | None = None
+    seconds: float = 0.0
+
+
+def pick_run_dir(spec: JobSpec, resume: bool) -> Path:
+    """`runs/<name>` for a new run, `runs/<name>-2`, ... when taken; `--resume` takes the newest."""
+    root = Path(spec.run_dir)
+    taken = sorted((p for p in root.glob(f"{spec.name}*") if p.is_dir() and re.fullmatch(rf"{re.escape(spec.name)}(-\d+)?", p.name)),
+                   key=lambda p: int(p.name.rsplit("-", 1)[1]) if p.name != spec.name else 1)
+    if resume:
+        if not taken:
+            raise SpecError([f"--resume: no earlier run named '{spec.name}' under {root}/ to continue"])
+        return taken[-1]
+    if not taken:
+        return root / spec.name
+    last = taken[-1]
+    n = int(last.name.rsplit("-", 1)[1]) + 1 if last.name != spec.name else 2
+    return root / f"{spec.name}-{n}"
+
+
+def check_compatibility(spec: JobSpec) -> None:
+    if spec.train.ema.enabled and spec.scale.strategy == "deepspeed" and spec.scale.zero_stage == 3:
+        raise SpecError(["train.ema.enabled: EMA needs full weights on each worker; with scale.zero_stage 3 "
+                         "set train.ema.enabled=false or use zero_stage 2"])
+
+
+def run_training(spec: JobSpec, *, resume: bool = False, tracking_uri: str | None = None,
+                 address: str | None = None, stop_after: int | None = None, progress: bool = True,
+                 parent_run_id: str | None = None, extra_callbacks: list | None = None,
+                 run_dir: Path | None = None, final_eval: bool = True) -> RunResult:
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from raygen.data import build_datasets, ensure_dataset, make_data_config, read_manifest
+    from raygen.models.registry import build_model
+    from raygen.tracking.store import default_tracking_uri, open_run
+    from raygen.train.cluster import cpus_per_worker, ensure_ray
+    from raygen.train.worker import train_worker
+
+    started = time.perf_counter()
+    check_compatibility(spec)
+    if spec.scale.strategy == "deepspeed":  # surface DeepSpeed config errors before anything starts
+        from raygen.train.deepspeed_strategy import build_deepspeed_config
+        build_deepspeed_config(spec, spec.scale.workers)
+    run_dir = (run_dir or pick_run_dir(spec, resume)).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    data_dir = ensure_dataset(spec.data)
+    manifest = read_manifest(data_dir)
+    info = manifest.data_info(spec.data)
+    probe = build_model(spec.model.family, spec.model.config, info)  # cross-field errors surface here
+    n_params = sum(p.numel() for p in probe.parameters())
+    del probe
+
+    resources = ensure_ray(address or spec.scale.address)
+    cpus = cpus_per_worker(spec.scale.cpus_per_worker, spec.scale.workers, resources.get("CPU", 1))
+    if spec.scale.use_gpu and resources.get("GPU", 0) < spec.scale.workers:
+        raise SpecError([f"scale.use_gpu: the cluster has {resources.get('GPU', 0):g} GPUs for {spec.scale.workers} workers; "
+                         "lower scale.workers or set scale.use_gpu=false"])
+
+    tracking_uri = tracking_uri or spec.track.tracking_uri or default_tracking_uri(spec.run_dir)
+    state_file = run_dir / "run.json"
+    previous = json.loads(state_file.read_text()) if state_file.is_file() else {}
+    resume_from = find_latest_checkpoint(run_dir) if resume else None
+    if resume and resume_from is None and progress:
+        print(f"[raygen] {run_dir} has no completed checkpoint yet: starting it from step 0", flush=True)
+    tracked = open_run(tracking_uri, spec.track.experiment, run_dir.name, spec=spec,
+                       run_id=previous.get("mlflow_run_id") if resume else None, parent_run_id=parent_run_id,
+                       tags={"raygen.family": spec.model.family, "raygen.run_dir": str(run_dir)})
+    tracked.log_params({"model.num_parameters": n_params, "data.prepared_dir": str(data_dir)})
+    state_file.write_text(json.dumps({"mlflow_run_id": tracked.run_id, "tracking_uri": tracking_uri,
+                                      "data_dir": str(data_dir), "name": spec.name}, indent=2))
+    if progress:
+        print(f"[raygen] run {run_dir.name}: {spec.model.family} ({n_params/1e6:.2f}M params), "
+              f"{spec.scale.workers} worker(s) × {cpus:g} CPU, {spec.scale.strategy}"
+              f"{' ZeRO-' + str(spec.scale.zero_stage) if spec.scale.strategy == 'deepspeed' else ''}, "
+              f"{spec.train.steps} steps; MLflow run {tracked.run_id} in {tracking_uri}", flush=True)
+
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={
+            "spec": spec_to_dict(spec), "data_info": info.to_dict(), "run_dir": str(run_dir),
+            "tracking_uri": tracking_uri, "mlflow_run_id": tracked.run_id,
+            "resume_from": str(resume_from) if resume_from else None, "stop_after": stop_after,
+            "progress": progress, "threads_per_worker": max(1, int(cpus)),
+        },
+        scaling_config=ScalingConfig(num_workers=spec.scale.workers, use_gpu=spec.scale.use_gpu,
+                                     resources_per_worker={"CPU": cpus}),
+        run_config=RunConfig(name=f"{run_dir.name}-{int(time.time())}", storage_path=str(run_dir / "ray"),
+                             failure_config=FailureConfig(max_failures=spec.scale.max_failures),
+                             callbacks=extra_callbacks or []),
+        datasets=build_datasets(data_dir, spec.data),
+        dataset_config=make_data_config(spec.data),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as err:
+        tracked.finish("FAILED")
+        raise TrainingFailed(_root_cause(err)) from err
+    metrics = {k: float(v) for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
+
+    checkpoint = find_latest_checkpoint(run_dir)
+    out = RunResult(run_dir=run_dir, run_id=tracked.run_id, tracking_uri=tracking_uri, checkpoint=checkpoint,
+                    model_uri=None, metrics=metrics)
+    finished = checkpoint is not None and json.loads((checkpoint / "state.json").read_text())["train_state"]["step"] >= spec.train.steps
+    if checkpoint is not None and finished and final_eval:
+        from raygen.train.wrapup import finish_run
+        finish_run(spec, out, tracked, data_dir, progress=progress)
+    tracked.finish()
+    out.seconds = time.perf_counter() - started
+    tracked.log_metrics({"wall_time_s": out.seconds})
+    return out
+
+
+class TrainingFailed(RuntimeError):
+    pass
+
+
+def _root_cause(err: BaseException) -> str:
+    """The user-facing line of a worker failure (Ray wraps it several times)."""
+    text = str(err)
+    for marker in ("NonFiniteError: ", "SpecError: ", "DataError: ", "RuntimeError: ", "ValueError: "):
+        if marker in text:
+            tail = text.rsplit(marker, 1)[1].strip().splitlines()
+            return tail[0] if tail else text
+    return text.splitlines()[0] if text else type(err).__name__

@@ -1,0 +1,271 @@
+"""The one training loop every model family runs under.
+
+It knows the Generator protocol, a Strategy (how gradients are applied), a
+batch source, hooks and a checkpoint manager; nothing of a model's internals
+and nothing of Ray (the Ray worker in `raygen.train.worker` assembles it).
+"""
+from __future__ import annotations
+
+import math
+import os
+import resource
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Protocol
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+from raygen.models.base import DataInfo, Generator
+from raygen.spec.schema import JobSpec
+from raygen.train.checkpoint import CheckpointManager, capture_rng, load_torch, restore_rng, save_torch
+from raygen.train.hooks import Hook
+from raygen.train.strategy import Strategy, all_ranks_true, barrier
+
+
+class BatchSource(Protocol):
+    corrupt_count: int
+    def epoch(self, epoch: int, skip: int = 0) -> Iterator[dict[str, Any]]: ...
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainState:
+    step: int = 0             # optimizer steps taken (skipped ones included)
+    epoch: int = 0
+    batch_in_epoch: int = 0   # micro-batches of `epoch` already consumed
+    consecutive_bad: int = 0
+    bad_steps: int = 0
+    images_seen: int = 0
+    last_good_checkpoint: str | None = None
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+class Trainer:
+    def __init__(self, *, spec: JobSpec, data_info: DataInfo, make_generator: Callable[[], Generator],
+                 strategy: Strategy, train_data: BatchSource, val_data: BatchSource | None,
+                 hooks: list[Hook], checkpoints: CheckpointManager | None,
+                 report: Callable[[dict[str, float], Path | None], None] | None = None,
+                 rank: int = 0, world_size: int = 1, run_meta: dict[str, Any] | None = None):
+        self.spec = spec
+        self.data_info = data_info
+        self.make_generator = make_generator
+        self.strategy = strategy
+        self.train_data = train_data
+        self.val_data = val_data
+        self.hooks = hooks
+        self.checkpoints = checkpoints
+        self.report = report or (lambda metrics, ckpt: None)
+        self.rank, self.world_size = rank, world_size
+        self.run_meta = run_meta or {}
+        self.state = TrainState()
+        self.start_step = 0
+        self.ema = None           # set by EMAHook
+        self.restored_ema = None  # EMA weights read from a checkpoint, for EMAHook
+        self.last_metrics: dict[str, float] = {}
+        self.step_losses: list[float] = []  # loss of every step run in this process (tests, exact resume)
+
+    # ------------------------------------------------------------ set-up
+    def _fire(self, event: str, *args) -> None:
+        for hook in self.hooks:
+            getattr(hook, event)(self, *args)
+
+    def setup(self, resume_from: Path | None) -> None:
+        from raygen.train.optim import build_optimizer, build_scheduler
+
+        torch.manual_seed(self.spec.train.seed + self.rank)
+        generator = self.make_generator()
+        if resume_from is not None:
+            generator.load_state_dict(load_file(str(resume_from / "model.safetensors")))
+        global_batch = self.spec.data.batch_size * self.spec.train.grad_accum * self.world_size
+        self.strategy.setup(
+            generator,
+            lambda params: build_optimizer(params, self.spec.train.optimizer, global_batch),
+            lambda opt: build_scheduler(opt, self.spec.train.schedule, self.spec.train.steps))
+        if resume_from is not None:
+            self._restore(resume_from)
+
+    def _restore(self, folder: Path) -> None:
+        import json
+        self.strategy.load(folder, self.rank)
+        state = json.loads((folder / "state.json").read_text())
+        self.state = TrainState(**state["train_state"])
+        self.start_step = self.state.step
+        if (folder / "ema.safetensors").is_file():
+            self.restored_ema = load_file(str(folder / "ema.safetensors"))
+        rng_file = folder / f"rng-{self.rank}.pt"
+        if state.get("world_size") == self.world_size and rng_file.is_file():
+            restore_rng(load_torch(rng_file))
+        elif self.rank == 0:
+            print(f"[raygen] resuming with {self.world_size} worker(s) instead of {state.get('world_size')}: "
+                  "random streams restart, so the run continues but is not bit-identical", flush=True)
+
+    # ------------------------------------------------------------ batches
+    def _stream(self) -> Iterator[dict[str, Any]]:
+        """Micro-batches across epochs, starting at the saved data position."""
+        while True:
+            produced = False
+            for batch in self.train_data.epoch(self.state.epoch, skip=self.state.batch_in_epoch):
+                produced = True
+                self.state.batch_in_epoch += 1
+                yield batch
+            if not produced and self.state.batch_in_epoch == 0:
+                raise RuntimeError("the training split yielded no batch: is data.batch_size larger than a worker's share of the data?")
+            self.state.epoch += 1
+            self.state.batch_in_epoch = 0
+
+    # ------------------------------------------------------------ loop
+    def fit(self, resume_from: Path | None = None, stop_after: int | None = None) -> dict[str, float]:
+        """Train to `train.steps`; `stop_after` pauses the run at that step
+        (with a checkpoint) so it can be resumed later."""
+        self.setup(resume_from)
+        self._fire("on_train_start")
+        spec = self.spec.train
+        stream = self._stream()
+        accum = self.strategy.grad_accum
+        t_last = time.perf_counter()
+        while self.state.step < spec.steps:
+            t0 = time.perf_counter()
+            data_wait = 0.0
+            loss_total, bad, extra = 0.0, False, {}
+            images = 0
+            for micro in range(accum):
+                tw = time.perf_counter()
+                batch = next(stream)
+                data_wait += time.perf_counter() - tw
+                images += batch["image"].shape[0]
+                batch = {k: (v.to(self.strategy.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+                out = self.strategy.forward(batch)
+                loss = out["loss"]
+                last = micro == accum - 1
+                if all_ranks_true(bool(torch.isfinite(loss.detach()).all())):
+                    self.strategy.backward(loss, last)
+                    loss_total += float(loss.detach()) / accum
+                    for k, v in out.items():
+                        if k != "loss":
+                            extra[k] = extra.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v) / accum
+                else:
+                    bad = True
+                    self.strategy.skip_micro(last)
+            result = self.strategy.step_with_hooks(self, skip=bad)
+            self.state.step += 1
+            self.state.images_seen += images * self.world_size
+            if result.applied:
+                self.state.consecutive_bad = 0
+            else:
+                self.state.consecutive_bad += 1
+                self.state.bad_steps += 1
+                if self.state.consecutive_bad >= self.spec.train.nan_guard.max_consecutive:
+                    raise NonFiniteError(
+                        f"stopped at step {self.state.step}: {self.state.consecutive_bad} non-finite steps in a row "
+                        f"(loss or gradients were NaN/inf). Last good checkpoint: {self.state.last_good_checkpoint or 'none'}. "
+                        "Lower train.optimizer.lr, set train.clip.norm, or use fp32/bf16.")
+            now = time.perf_counter()
+            step_time = now - t0
+            metrics = {"loss": loss_total if not bad else float("nan"), "lr": result.lr,
+                       "step_applied": 1.0 if result.applied else 0.0, "bad_steps": float(self.state.bad_steps),
+                       "step_time_s": step_time, "data_wait_s": data_wait,
+                       "images_per_s": images * self.world_size / max(now - t_last, 1e-9),
+                       "loss_scale": result.loss_scale, "epoch": float(self.state.epoch),
+                       "corrupt_records": float(getattr(self.train_data, "corrupt_count", 0)),
+                       "mem_rss_mb": _rss_mb(), **{f"train_{k}": v for k, v in extra.items()}}
+            if result.grad_norm is not None:
+                metrics["grad_norm"] = result.grad_norm
+            t_last = now
+            if not bad:
+                self.step_losses.append(loss_total)
+            self.last_metrics = metrics
+            self._fire("on_step_end", metrics)
+            step = self.state.step
+            evaluating = step % spec.eval_every == 0 or step == spec.steps
+            eval_metrics = self.evaluate() if evaluating else {}
+            pausing = stop_after is not None and step >= stop_after
+            # No periodic checkpoint in the middle of a non-finite streak: the last good one stays the newest.
+            periodic = step % spec.checkpoint_every == 0 and self.state.consecutive_bad == 0
+            if periodic or step == spec.steps or pausing:
+                folder = self.save_checkpoint({**metrics, **eval_metrics})
+                self.report({**self._report_metrics(metrics), **eval_metrics}, folder)
+            elif evaluating:
+                self.report({**self._report_metrics(metrics), **eval_metrics}, None)
+            if pausing:
+                break
+        self._fire("on_train_end")
+        return self.last_metrics
+
+    def _report_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
+        return {"step": float(self.state.step), "loss": metrics["loss"], "lr": metrics["lr"]}
+
+    # ------------------------------------------------------------ eval
+    def eval_weights(self) -> dict[str, torch.Tensor]:
+        return self.ema.state_dict() if self.ema is not None else self.strategy.full_state_dict()
+
+    def eval_model(self) -> Generator:
+        """A float32 copy of the generator holding the eval weights (EMA when kept)."""
+        model = self.make_generator()
+        state = self.eval_weights()
+        model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in state.items()})
+        return model.eval()
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        if self.val_data is not None:
+            model = self.eval_model()
+            total, count = 0.0, 0
+            bpd_total = 0.0
+            for i, batch in enumerate(self.val_data.epoch(0)):
+                if i >= self.spec.train.val_batches:
+                    break
+                n = batch["image"].shape[0]
+                total += float(model.training_step(batch)["loss"]) * n
+                bpd = model.bits_per_dim(batch)
+                if bpd is not None:
+                    bpd_total += float(bpd) * n
+                count += n
+            sums = torch.tensor([total, bpd_total, float(count)], dtype=torch.float64)
+            if dist.is_available() and dist.is_initialized():
+                dist.all_reduce(sums)
+            if sums[2] > 0:
+                metrics["val_loss"] = float(sums[0] / sums[2])
+                if sums[1] != 0:
+                    metrics["val_bits_per_dim"] = float(sums[1] / sums[2])
+        self._fire("on_eval", metrics)
+        return metrics
+
+    # ------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, metrics: dict[str, float]) -> Path | None:
+        if self.checkpoints is None:
+            return None
+        step = self.state.step
+        full = self.strategy.full_state_dict()  # a collective under ZeRO-3: every rank calls it
+        if self.rank == 0:
+            self.checkpoints.begin(step)
+        barrier()
+        tmp = self.checkpoints.temp_dir(step)
+        self.strategy.save(tmp, self.rank)
+        save_torch(capture_rng(), tmp / f"rng-{self.rank}.pt")
+        barrier()
+        final = None
+        if self.rank == 0:
+            from raygen.models.io import export_generator
+            save_file({k: v.detach().cpu().contiguous() for k, v in full.items()}, str(tmp / "model.safetensors"))
+            if self.ema is not None:
+                save_file({k: v.contiguous() for k, v in self.ema.state_dict().items()}, str(tmp / "ema.safetensors"))
+            weights = self.ema.state_dict() if self.ema is not None else full
+            export_generator(tmp / "export", weights, self.spec, self.data_info,
+                             {**self.run_meta, "step": step, "weights": "ema" if self.ema is not None else "raw"})
+            self._fire("on_checkpoint", tmp)
+            finite = {k: v for k, v in metrics.items() if isinstance(v, float) and math.isfinite(v)}
+            final = self.checkpoints.commit(step, {"train_state": asdict(self.state), "world_size": self.world_size,
+                                                   "metrics": finite}, finite)
+            self.state.last_good_checkpoint = str(final)
+        barrier()
+        return final
