@@ -42,7 +42,7 @@ class DataSpec(Section):
 
 # ---------------------------------------------------------------- model
 class ModelSpec(Section):
-    family: str = Field("seqimg", description="registered model family")
+    family: str = Field("seqimg", description="registered model family", validate_default=True)
     options: dict[str, Any] = Field(default_factory=dict, description="family options, validated by the family's config")
     _config: Any = PrivateAttr(default=None)
 
@@ -62,7 +62,11 @@ class ModelSpec(Section):
         from raygen.models.registry import get_family
         from raygen.spec.errors import SpecError, format_pydantic_errors
         try:
-            self._config = get_family(self.family).config_cls.model_validate(self.options)
+            family = get_family(self.family)
+        except KeyError as err:
+            raise ValueError(err.args[0]) from None
+        try:
+            self._config = family.config_cls.model_validate(self.options)
         except ValidationError as err:
             raise SpecError(format_pydantic_errors(err, ("options",))) from None
         return self

@@ -10,6 +10,24 @@ class ClusterError(RuntimeError):
     pass
 
 
+def _probe(address: str, timeout: float = 5.0) -> None:
+    """Fail in seconds, not minutes: ray.init retries an unreachable GCS for a long time."""
+    import socket
+
+    if address in ("auto", "local"):
+        return
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise ClusterError(f"Ray address {address!r} is not HOST:PORT (e.g. 10.0.0.5:6379 or ray://10.0.0.5:10001)")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as err:
+        raise ClusterError(
+            f"cannot reach the Ray cluster at {address!r} ({err.strerror or err}). Start it with `ray start --head` "
+            "(or `ray up cluster.yaml`), check the address, or unset RAY_ADDRESS to train on an embedded local cluster.") from None
+
+
 def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, quiet: bool = True) -> dict:
     """Connect to `address` / RAY_ADDRESS, or start a local cluster. Returns cluster resources."""
     import ray
@@ -19,6 +37,7 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, quiet
         return ray.cluster_resources()
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
+        _probe(address)
         try:
             ray.init(address=address, log_to_driver=not quiet, logging_level="ERROR")
         except Exception as err:  # ConnectionError, TimeoutError, RuntimeError depending on the failure

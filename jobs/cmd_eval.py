@@ -1,0 +1,75 @@
+"""`raygen eval RUN_OR_CHECKPOINT`: the full metric set after the fact."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def register(sub) -> None:
+    p = sub.add_parser("eval", help="compute FID/KID, val loss and bits/dim of a trained model")
+    p.add_argument("model", help="run folder, checkpoint folder, exported model folder or models:/NAME/VERSION")
+    p.add_argument("--samples", type=int, help="samples for FID/KID (default: the spec's track.fid.samples)")
+    p.add_argument("--extractor", help="feature extractor: 'domain' or 'inception:PATH' (default: the spec's)")
+    p.add_argument("--tracking-uri", help="MLflow store to read models:/ URIs from and log results to")
+    p.add_argument("--no-log", action="store_true", help="do not log the results to the model's MLflow run")
+    p.set_defaults(func=run)
+
+
+def evaluate_model(loaded, *, samples: int | None = None, extractor: str | None = None) -> dict[str, float | str]:
+    import torch
+
+    from raygen.data import WorkerBatches, ensure_dataset, load_split_images
+    from raygen.train.wrapup import compute_run_fid
+
+    spec = loaded.spec
+    if extractor:
+        spec = spec.model_copy(update={"track": spec.track.model_copy(update={"fid": spec.track.fid.model_copy(update={"extractor": extractor})})})
+    data_dir = ensure_dataset(spec.data)
+    n = samples or spec.track.fid.samples
+    out: dict[str, float | str] = {}
+    fid = compute_run_fid(spec, loaded.model, data_dir, n, Path(spec.data.root) / "fid-cache")
+    out.update({"fid": fid["fid"], "kid": fid["kid"], "fid_samples": fid["n_generated"], "fid_extractor": fid["extractor"]})
+    val = load_split_images(data_dir, "val", spec.data, limit=512)
+    model = loaded.model
+    with torch.no_grad():
+        bs = spec.data.batch_size
+        losses, bpds, count = 0.0, 0.0, 0
+        for i in range(0, len(val["image"]), bs):
+            batch = {k: v[i:i + bs] for k, v in val.items() if k in ("image", "label", "caption")}
+            k = batch["image"].shape[0]
+            losses += float(model.training_step(batch)["loss"]) * k
+            bpd = model.bits_per_dim(batch)
+            if bpd is not None:
+                bpds += float(bpd) * k
+            count += k
+        out["val_loss"] = losses / count
+        if bpds:
+            out["val_bits_per_dim"] = bpds / count
+        if hasattr(model, "reconstruct"):
+            from raygen.metrics import reconstruction_metrics
+            recon = model.reconstruct(val["image"][:256])
+            out.update({f"recon_{k}": v for k, v in reconstruction_metrics(recon, val["image"][:256]).items()})
+    return out
+
+
+def run(args) -> int:
+    from raygen.models.io import load_generator
+
+    loaded = load_generator(args.model, args.tracking_uri)
+    results = evaluate_model(loaded, samples=args.samples, extractor=args.extractor)
+    for k, v in results.items():
+        print(f"{k:>20}: {v:.5g}" if isinstance(v, float) else f"{k:>20}: {v}")
+    run_id = loaded.meta.get("run_id")
+    tracking_uri = args.tracking_uri
+    if not tracking_uri and loaded.meta.get("run_dir"):
+        state = Path(loaded.meta["run_dir"]) / "run.json"
+        if state.is_file():
+            tracking_uri = json.loads(state.read_text())["tracking_uri"]
+    if run_id and tracking_uri and not args.no_log:
+        from raygen.tracking.store import TrackingRun
+        run = TrackingRun(tracking_uri, run_id, "")
+        run.log_metrics({f"eval_{k}": float(v) for k, v in results.items() if isinstance(v, (int, float))},
+                        step=int(loaded.meta.get("step", 0)))
+        run.set_tags({"eval.fid_extractor": results["fid_extractor"]})
+        print(f"logged to MLflow run {run_id}")
+    return 0
