@@ -1,0 +1,83 @@
+"""`raygen data prepare|show|list`: build, inspect and list datasets."""
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub) -> None:
+    p = sub.add_parser("data", help="prepare, inspect and list datasets")
+    s = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+
+    pr = s.add_parser("prepare", help="generate or import a dataset into parquet shards + manifest.json",
+                      description="NAME is a built-in dataset (see `raygen data list`) or a path/glob to import "
+                                  "(an image folder, parquet files, webdataset .tar files). For `folder`, "
+                                  "`parquet` and `webdataset`, give the source as PATH.")
+    pr.add_argument("name", metavar="NAME")
+    pr.add_argument("path", metavar="PATH", nargs="?", help="source for folder/parquet/webdataset (same as --source)")
+    pr.add_argument("--out", required=True, metavar="DIR", help="folder to write (empty, new, or an earlier dataset)")
+    pr.add_argument("--resolution", type=int, help="image side in pixels (default: the dataset's own)")
+    pr.add_argument("--channels", type=int, choices=(1, 3), help="1 (grey) or 3 (RGB); default: the dataset's own")
+    pr.add_argument("--count", type=int, help="training images (default: all, or the generator's default)")
+    pr.add_argument("--seed", type=int, default=0, help="generation and split seed (default 0)")
+    pr.add_argument("--val-fraction", type=float, default=0.1, help="share of images held out for validation")
+    pr.add_argument("--source", help="raw source path overriding the built-in default")
+    pr.add_argument("--shard-mb", type=float, default=32.0, help="upper bound of one shard's size in MiB")
+    pr.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
+                    help="dataset-specific option, e.g. --opt max_spheres=3 (repeatable)")
+    pr.set_defaults(func=prepare)
+
+    sh = s.add_parser("show", help="print a prepared dataset's counts, classes and captions; optionally a grid PNG")
+    sh.add_argument("dir", metavar="DIR")
+    sh.add_argument("--grid", metavar="PATH", help="write a PNG grid of training samples here")
+    sh.add_argument("--samples", type=int, default=64, help="images in the grid (default 64)")
+    sh.add_argument("--verify", action="store_true", help="check every shard's sha256 against the manifest")
+    sh.set_defaults(func=show)
+
+    ls = s.add_parser("list", help="list the built-in datasets")
+    ls.set_defaults(func=list_datasets)
+
+
+def _options(pairs: list[str]) -> dict:
+    import yaml
+
+    from raygen.data import DataError
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise DataError(f"--opt {pair!r}: expected KEY=VALUE, e.g. --opt max_spheres=3")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def prepare(args: argparse.Namespace) -> int:
+    from raygen.data import DataError, prepare_dataset
+    if args.path and args.source:
+        raise DataError("give the source either as PATH or as --source, not both")
+    m = prepare_dataset(args.name, args.out, resolution=args.resolution, channels=args.channels, count=args.count,
+                        seed=args.seed, val_fraction=args.val_fraction, source=args.path or args.source,
+                        shard_bytes=int(args.shard_mb * 2**20), **_options(args.opt))
+    shards = sum(len(s.shards) for s in m.splits.values())
+    counts = ", ".join(f"{k} {v}" for k, v in m.counts.items())
+    print(f"prepared {m.name}: {counts} images at {m.resolution}x{m.resolution}x{m.channels} "
+          f"in {shards} shard(s) -> {m.path}")
+    return 0
+
+
+def show(args: argparse.Namespace) -> int:
+    from raygen.data.inspect import summarize, write_grid
+    for line in summarize(args.dir, verify=args.verify):
+        print(line)
+    if args.grid:
+        n = write_grid(args.dir, args.grid, n=args.samples)
+        print(f"grid: wrote {n} training images to {args.grid}")
+    return 0
+
+
+def list_datasets(args: argparse.Namespace) -> int:
+    from raygen.data.registry import builder_names, get_builder
+    for name in builder_names():
+        b = get_builder(name)
+        size = f"{b.default_resolution}px" if b.default_resolution else "source size"
+        print(f"{name:<14} {b.summary} (default {size})")
+    return 0

@@ -1,0 +1,204 @@
+"""Image helpers shared by the dataset builders, the Ray pipeline and the
+plain loader, so every path decodes, resizes and converts pixels the same way.
+
+Arrays are uint8; single images are HWC, batches are BCHW.
+"""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+#: per-row status the decoder emits beside each image
+OK, CORRUPT, REJECTED_SIZE, RESIZED = 0, 1, 2, 3
+STATUS_NAMES = {OK: "ok", CORRUPT: "corrupt", REJECTED_SIZE: "wrong size (rejected)", RESIZED: "wrong size (resized)"}
+
+_MODES = {1: "L", 3: "RGB"}
+
+
+def mode_for(channels: int) -> str:
+    return _MODES[channels]
+
+
+def to_pil(image: np.ndarray) -> Image.Image:
+    """HxW or HxWxC (C in 1, 3) uint8 array -> PIL image."""
+    arr = np.asarray(image)
+    if arr.dtype != np.uint8:
+        raise TypeError(f"images must be uint8, got {arr.dtype}")
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    return Image.fromarray(arr)
+
+
+def fit_image(img: Image.Image, resolution: int, channels: int) -> Image.Image:
+    """Convert to the channel mode, centre-crop to a square and resize.
+
+    Centre-cropping keeps the aspect ratio of non-square photos instead of
+    squashing them; LANCZOS keeps downscaled detail (prepare time only).
+    """
+    img = img.convert(mode_for(channels))
+    w, h = img.size
+    if w != h:
+        side = min(w, h)
+        left, top = (w - side) // 2, (h - side) // 2
+        img = img.crop((left, top, left + side, top + side))
+    if img.size != (resolution, resolution):
+        img = img.resize((resolution, resolution), Image.Resampling.LANCZOS)
+    return img
+
+
+def encode_png(image: np.ndarray | Image.Image) -> bytes:
+    img = image if isinstance(image, Image.Image) else to_pil(image)
+    buf = io.BytesIO()
+    # compress_level 6 is PIL's default; the output is byte-identical across runs.
+    img.save(buf, format="PNG", compress_level=6)
+    return buf.getvalue()
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Fully decode image bytes (raises on a truncated or corrupt file)."""
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return img
+
+
+def to_channels_array(img: Image.Image, channels: int) -> np.ndarray:
+    """PIL image -> HxWxC uint8 with C == channels."""
+    arr = np.asarray(img.convert(mode_for(channels)), dtype=np.uint8)
+    return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def resize_batch(x: np.ndarray, resolution: int) -> np.ndarray:
+    """Resize a uint8 BCHW batch in one vectorized call (bilinear, antialiased)."""
+    if x.shape[-1] == resolution and x.shape[-2] == resolution:
+        return x
+    import torch
+    import torch.nn.functional as F
+
+    t = torch.from_numpy(np.ascontiguousarray(x)).float()
+    t = F.interpolate(t, size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False)
+    return t.round_().clamp_(0, 255).to(torch.uint8).numpy()
+
+
+def center_crop_batch(x: np.ndarray, size: int) -> np.ndarray:
+    h, w = x.shape[-2:]
+    top, left = (h - size) // 2, (w - size) // 2
+    return x[..., top:top + size, left:left + size]
+
+
+def _fast_png_decoder(channels: int):
+    """torchvision's libpng decoder (about 2.5x PIL on small images), or
+    None where torchvision is missing; PIL stays the fallback for anything
+    it rejects, so both give the same verdict on corrupt bytes."""
+    import warnings
+    try:
+        import torch
+        with warnings.catch_warnings():
+            # torchvision 0.29 deprecates its image codecs for torchcodec; PIL takes over once they are gone
+            warnings.simplefilter("ignore", DeprecationWarning)
+            from torchvision.io import ImageReadMode, decode_png
+    except Exception:  # pragma: no cover - torchvision is a dependency, but keep PIL working without it
+        return None
+    mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
+
+    def decode(buf: np.ndarray) -> np.ndarray | None:
+        try:
+            x = decode_png(torch.from_numpy(buf), mode=mode)
+        except Exception:
+            return None
+        return x.numpy().transpose(1, 2, 0) if x.dtype == torch.uint8 else None
+    return decode
+
+
+def _binary_views(blobs) -> list[np.ndarray | None]:
+    """Zero-copy uint8 views of a pyarrow binary array's values (or a list of bytes)."""
+    if isinstance(blobs, list):
+        return [None if b is None else np.frombuffer(b, np.uint8) for b in blobs]
+    arr = blobs.combine_chunks() if hasattr(blobs, "combine_chunks") else blobs
+    if arr.type.equals(__import__("pyarrow").large_binary()):
+        offsets = np.frombuffer(arr.buffers()[1], np.int64)[arr.offset:arr.offset + len(arr) + 1]
+    else:
+        offsets = np.frombuffer(arr.buffers()[1], np.int32)[arr.offset:arr.offset + len(arr) + 1]
+    data = np.frombuffer(arr.buffers()[2], np.uint8) if arr.buffers()[2] is not None else np.zeros(0, np.uint8)
+    valid = arr.is_valid().to_numpy(zero_copy_only=False)
+    return [data[offsets[i]:offsets[i + 1]] if valid[i] else None for i in range(len(arr))]
+
+
+def decode_batch(blobs, *, stored_resolution: int, resolution: int, channels: int,
+                 bad_size_policy: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Decode a batch of PNG bytes (a list of bytes or a pyarrow binary
+    array) to uint8 [B, channels, resolution, resolution].
+
+    Returns (images, status, messages). A row that cannot be decoded gets a
+    zero image, status CORRUPT and a message; an image whose size differs
+    from the dataset's stored resolution is resized (RESIZED) or rejected
+    (REJECTED_SIZE) per `bad_size_policy`. Callers drop rows whose status
+    is CORRUPT or REJECTED_SIZE and count them. The resize to `resolution`
+    happens once for the whole batch.
+    """
+    import warnings
+    views = _binary_views(blobs)
+    n = len(views)
+    s = stored_resolution
+    stored = np.zeros((n, s, s, channels), dtype=np.uint8)
+    status = np.zeros(n, dtype=np.int8)
+    messages = [""] * n
+    odd: dict[int, np.ndarray] = {}  # rows already brought to `resolution` one by one
+    fast = _fast_png_decoder(channels)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch warns about read-only buffers; we only read them
+        warnings.simplefilter("ignore", DeprecationWarning)  # see _fast_png_decoder
+        for i, buf in enumerate(views):
+            arr = fast(buf) if fast is not None and buf is not None and len(buf) else None
+            if arr is None:  # not decodable by libpng: let PIL try, and name the problem
+                try:
+                    if buf is None or not len(buf):
+                        raise ValueError("no image bytes")
+                    img = decode_image(buf.tobytes())
+                except Exception as err:  # PIL raises many types for bad bytes
+                    status[i] = CORRUPT
+                    messages[i] = f"{type(err).__name__}: {err}"
+                    continue
+                if img.size != (s, s):
+                    arr = None
+                else:
+                    arr = to_channels_array(img, channels)
+            else:
+                img = None
+            if arr is not None and arr.shape[:2] == (s, s):
+                stored[i] = arr
+            elif bad_size_policy == "reject":
+                h, w = arr.shape[:2] if arr is not None else img.size[::-1]
+                status[i] = REJECTED_SIZE
+                messages[i] = f"size {w}x{h}, expected {s}x{s}"
+            else:
+                if img is None:
+                    img = to_pil(arr)
+                status[i] = RESIZED
+                messages[i] = f"size {img.size[0]}x{img.size[1]} resized to {resolution}x{resolution}"
+                odd[i] = to_channels_array(fit_image(img, resolution, channels), channels)
+    out = resize_batch(stored.transpose(0, 3, 1, 2), resolution)
+    if odd:
+        out = np.array(out, copy=True)
+        for i, arr in odd.items():
+            out[i] = arr.transpose(2, 0, 1)
+    return np.ascontiguousarray(out), status, messages
+
+
+def make_grid(images: np.ndarray, *, nrow: int = 8, pad: int = 1, min_cell: int = 32) -> np.ndarray:
+    """Tile uint8 BCHW images into one HxWxC uint8 image, upscaling small
+    images (nearest) so a grid of 8x8 digits is still visible."""
+    b, c, h, w = images.shape
+    scale = max(1, -(-min_cell // max(h, w)))
+    if scale > 1:
+        images = images.repeat(scale, axis=2).repeat(scale, axis=3)
+        h, w = h * scale, w * scale
+    ncol = min(nrow, b)
+    nrows = -(-b // ncol)
+    grid = np.full((nrows * (h + pad) + pad, ncol * (w + pad) + pad, c), 64, dtype=np.uint8)
+    for k in range(b):
+        r, q = divmod(k, ncol)
+        y, x = pad + r * (h + pad), pad + q * (w + pad)
+        grid[y:y + h, x:x + w] = images[k].transpose(1, 2, 0)
+    return grid

@@ -1,0 +1,82 @@
+"""`raygen data show`: a prepared dataset's summary and a grid of samples."""
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from raygen.data.images import make_grid
+from raygen.data.manifest import read_manifest
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def summarize(dir: str | Path, *, examples: int = 6, verify: bool = False) -> list[str]:
+    """Lines describing the dataset at `dir`."""
+    import pyarrow.parquet as pq
+    m = read_manifest(dir, verify=verify)
+    lines = [f"dataset: {m.name}  ({m.source})", f"folder: {m.path}  (schema v{m.schema_version})",
+             f"images: {m.resolution}x{m.resolution}, {m.channels} channel(s)"]
+    parts = []
+    for split, info in m.splits.items():
+        size = sum(s.bytes for s in info.shards)
+        skipped = f", {info.skipped} skipped at prepare" if info.skipped else ""
+        parts.append(f"{split} {info.rows} ({len(info.shards)} shard(s), {_mib(size)}{skipped})")
+    lines.append("splits: " + "; ".join(parts))
+    if verify:
+        lines.append("checksums: ok")
+    first = m.shard_paths("train")[0]
+    head = pq.ParquetFile(first).read_row_group(0, columns=["label", "caption"])
+    labels = [lab for p in m.shard_paths("train")
+              for lab in pq.read_table(p, columns=["label"]).column("label").to_pylist()]
+    if m.num_classes:
+        counts = Counter(labels)
+        shown = ", ".join(f"{name} ({counts.get(i, 0)})" for i, name in enumerate(m.class_names[:20]))
+        more = f", ... {m.num_classes - 20} more" if m.num_classes > 20 else ""
+        unlabelled = f"; {counts[-1]} unlabelled" if counts.get(-1) else ""
+        lines.append(f"classes: {m.num_classes}: {shown}{more}{unlabelled}")
+    else:
+        lines.append("classes: none (label -1)")
+    lines.append(f"captions: {'yes' if m.has_captions else 'no'}")
+    rows = list(zip(head.column("label").to_pylist(), head.column("caption").to_pylist()))[:examples]
+    if m.num_classes or m.has_captions:
+        lines.append("examples (train):")
+    else:
+        rows = []
+    for lab, cap in rows:
+        name = m.class_names[lab] if 0 <= lab < len(m.class_names) else "-"
+        lines.append(f"  label {lab:>3} {name:<14} caption: {cap!r}" if m.has_captions else f"  label {lab:>3} {name}")
+    for name, col in m.extra_columns.items():
+        fields = f" [{', '.join(col.fields)}]" if col.fields else ""
+        shape = {"sequence": f"sequence of up to {col.max_len} rows x {col.width}", "vector": f"vector of {col.width}",
+                 "scalar": "scalar", "string": "string"}[col.kind]
+        lines.append(f"extra column {name}: {shape}{fields}" + (f" - {col.description}" if col.description else ""))
+    p = m.prepare
+    if p:
+        lines.append(f"prepared with: seed {p.get('seed')}, count {p.get('count')}, "
+                     f"val_fraction {p.get('val_fraction')}"
+                     + (f", options {p['options']}" if p.get("options") else ""))
+    return lines
+
+
+def write_grid(dir: str | Path, out: str | Path, *, n: int = 64, split: str = "train") -> int:
+    """Write a PNG grid of the split's first `n` images; returns how many."""
+    from PIL import Image
+
+    from raygen.data.local import iter_decoded
+    from raygen.data.shards import atomic_write_bytes
+    images = []
+    for cols in iter_decoded(dir, split, limit=n):
+        images.append(cols["image"])
+    x = np.concatenate(images)[:n]
+    grid = make_grid(x, nrow=8)
+    import io
+    buf = io.BytesIO()
+    Image.fromarray(grid[:, :, 0] if grid.shape[2] == 1 else grid).save(buf, format="PNG")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out, buf.getvalue())
+    return len(x)

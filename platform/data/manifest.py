@@ -1,0 +1,179 @@
+"""`manifest.json`: what a prepared dataset folder holds.
+
+The manifest is written last (see shards.py), so a folder with a readable
+manifest is a complete dataset; a folder without one is not a dataset.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from raygen.data.errors import DataError
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+#: columns every shard has; anything else is an extra column described in the manifest
+CORE_COLUMNS = ("index", "png", "label", "caption")
+SPLITS = ("train", "val")
+
+
+@dataclass(kw_only=True)
+class ExtraColumn:
+    """An extra per-record column.
+
+    kind: "sequence" (a variable-length list of fixed-width float rows, e.g.
+    one row per sphere; delivered padded to [B, max_len, width] with a
+    `<name>_mask`), "vector" (fixed-width floats, [B, width]), "scalar"
+    (one number, [B]) or "string" (list[str]).
+    """
+    kind: Literal["sequence", "vector", "scalar", "string"]
+    width: int = 1
+    max_len: int = 0
+    fields: list[str] = field(default_factory=list)
+    description: str = ""
+
+    def arrow_type(self):
+        import pyarrow as pa
+        return {
+            "sequence": lambda: pa.list_(pa.list_(pa.float32(), self.width)),
+            "vector": lambda: pa.list_(pa.float32(), self.width),
+            "scalar": pa.float64,
+            "string": pa.string,
+        }[self.kind]()
+
+
+@dataclass(kw_only=True)
+class ShardInfo:
+    file: str
+    rows: int
+    bytes: int
+    sha256: str
+    first_index: int
+
+
+@dataclass(kw_only=True)
+class SplitInfo:
+    rows: int
+    shards: list[ShardInfo]
+    skipped: int = 0  # source records skipped at prepare time (undecodable)
+
+
+@dataclass(kw_only=True)
+class Manifest:
+    name: str
+    resolution: int
+    channels: int
+    splits: dict[str, SplitInfo]
+    num_classes: int = 0
+    class_names: list[str] = field(default_factory=list)
+    has_captions: bool = False
+    extra_columns: dict[str, ExtraColumn] = field(default_factory=dict)
+    source: str = ""
+    prepare: dict[str, Any] = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+    path: Path | None = None  # where it was read from; not stored
+
+    # ------------------------------------------------------------ views
+    @property
+    def counts(self) -> dict[str, int]:
+        return {k: s.rows for k, s in self.splits.items()}
+
+    def shard_paths(self, split: str) -> list[Path]:
+        if self.path is None:
+            raise DataError("manifest has no folder; read it with read_manifest(dir)")
+        return [self.path / s.file for s in self.split(split).shards]
+
+    def split(self, split: str) -> SplitInfo:
+        if split not in self.splits:
+            raise DataError(f"dataset '{self.name}' has no split '{split}'; it has: {', '.join(self.splits)}")
+        return self.splits[split]
+
+    def data_info(self, data_spec):
+        """What the pipeline delivers for `data_spec`: its channels and
+        resolution (the crop size when training crops), and the labels."""
+        from raygen.models.base import DataInfo
+        crop = data_spec.augment.crop
+        return DataInfo(channels=data_spec.channels, resolution=crop or data_spec.resolution,
+                        num_classes=self.num_classes, class_names=list(self.class_names),
+                        has_captions=self.has_captions)
+
+    # ------------------------------------------------------------ (de)serialise
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("path")
+        d["counts"] = self.counts
+        # key order fixed so the same dataset always gives the same bytes
+        order = ["schema_version", "name", "source", "resolution", "channels", "counts", "num_classes",
+                 "class_names", "has_captions", "extra_columns", "splits", "prepare"]
+        return {k: d[k] for k in order}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], path: Path | None = None) -> "Manifest":
+        splits = {k: SplitInfo(rows=v["rows"], skipped=v.get("skipped", 0),
+                               shards=[ShardInfo(**s) for s in v["shards"]])
+                  for k, v in d["splits"].items()}
+        extras = {k: ExtraColumn(**v) for k, v in d.get("extra_columns", {}).items()}
+        return cls(name=d["name"], resolution=int(d["resolution"]), channels=int(d["channels"]), splits=splits,
+                   num_classes=int(d.get("num_classes", 0)), class_names=list(d.get("class_names", [])),
+                   has_captions=bool(d.get("has_captions", False)), extra_columns=extras,
+                   source=d.get("source", ""), prepare=d.get("prepare", {}),
+                   schema_version=int(d["schema_version"]), path=path)
+
+    # ------------------------------------------------------------ checks
+    def verify(self) -> None:
+        """Check every shard's size and sha256 against the manifest."""
+        for split, info in self.splits.items():
+            for shard in info.shards:
+                p = self.path / shard.file
+                if not p.is_file():
+                    raise DataError(f"{p}: shard listed in {MANIFEST_NAME} is missing; prepare the dataset again")
+                if p.stat().st_size != shard.bytes or sha256_file(p) != shard.sha256:
+                    raise DataError(f"{p}: checksum does not match {MANIFEST_NAME} (file changed or damaged); "
+                                    "prepare the dataset again")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_manifest(dir: str | Path, *, verify: bool = False) -> Manifest:
+    """Read `dir/manifest.json`; raise DataError (one line) if the folder is
+    missing, has no manifest (never prepared, or a prepare was interrupted),
+    or holds a corrupt or empty dataset."""
+    root = Path(dir).expanduser()
+    if not root.exists():
+        raise DataError(f"dataset folder {root} does not exist; create it with `raygen data prepare NAME --out {root}`")
+    mpath = root / MANIFEST_NAME
+    if not mpath.is_file():
+        raise DataError(f"{root} has no {MANIFEST_NAME} (not a prepared dataset, or its prepare was interrupted); "
+                        f"run `raygen data prepare NAME --out {root}`")
+    try:
+        d = json.loads(mpath.read_text())
+        m = Manifest.from_dict(d, path=root.resolve())
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise DataError(f"{mpath}: unreadable manifest ({type(err).__name__}: {err}); "
+                        "prepare the dataset again") from None
+    if m.schema_version > SCHEMA_VERSION:
+        raise DataError(f"{mpath}: schema version {m.schema_version} is newer than this raygen reads "
+                        f"({SCHEMA_VERSION}); upgrade raygen or prepare the dataset again")
+    if "train" not in m.splits or m.splits["train"].rows == 0:
+        raise DataError(f"{root}: dataset '{m.name}' has no training images; prepare it with a larger --count "
+                        "or check the source")
+    for info in m.splits.values():
+        for shard in info.shards:
+            if not (root / shard.file).is_file():
+                raise DataError(f"{root / shard.file}: shard listed in {MANIFEST_NAME} is missing; "
+                                "prepare the dataset again")
+    if verify:
+        m.verify()
+    return m
