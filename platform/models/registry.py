@@ -10,7 +10,7 @@ from pydantic import BaseModel
 from raygen.models.base import DataInfo, Generator
 
 # Built-in families are imported on first use, so the registry stays cheap to import.
-_BUILTIN_MODULES = ("raygen.models.seqimg",)
+_BUILTIN_MODULES = ("raygen.models.seqimg", "raygen.models.clip")
 _FAMILIES: dict[str, "Family"] = {}
 _loaded = False
 

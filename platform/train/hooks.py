@@ -129,6 +129,8 @@ class SampleGridHook(Hook):
             return
         from raygen.train.images import sample_grid_png
         model = trainer.eval_model()
+        if getattr(model, "is_scorer", False):  # scorer families (clip) draw no images
+            return
         path = self.out_dir / f"samples_step{trainer.state.step:08d}.png"
         sample_grid_png(model, self.n, path, seed=trainer.spec.train.seed)
         if self.sink is not None:

@@ -46,6 +46,15 @@ def finish_run(spec: JobSpec, out, tracked, data_dir: Path, *, progress: bool = 
 
     export = out.checkpoint / "export"
     loaded = load_exported(export)
+    name = spec.name if spec.track.register_model else None
+    from raygen.tracking.plots import log_loss_curve
+    log_loss_curve(tracked, out.run_dir / "loss_curve.png")
+    if getattr(loaded.model, "is_scorer", False):
+        # a scorer family (clip) has no images to sample or score with FID
+        tracked.log_artifact(out.checkpoint, f"checkpoint/{out.checkpoint.name}")
+        out.model_uri = log_and_register(tracked.tracking_uri, tracked.run_id, export, name)
+        tracked.set_tags({"raygen.model_uri": out.model_uri})
+        return
     out.grid = sample_grid_png(loaded.model, max(16, spec.train.grid_samples), out.run_dir / "samples" / "final.png",
                                seed=spec.train.seed)
     tracked.log_artifact(out.grid, "samples")
@@ -60,8 +69,5 @@ def finish_run(spec: JobSpec, out, tracked, data_dir: Path, *, progress: bool = 
                             step=spec.train.steps)
         tracked.set_tags({"fid.extractor": fid["extractor"], "fid.samples": fid["n_generated"],
                           "fid.reference": f"{data_dir.name}/val ({fid['n_reference']} images)"})
-    from raygen.tracking.plots import log_loss_curve
-    log_loss_curve(tracked, out.run_dir / "loss_curve.png")
-    name = spec.name if spec.track.register_model else None
     out.model_uri = log_and_register(tracked.tracking_uri, tracked.run_id, export, name)
     tracked.set_tags({"raygen.model_uri": out.model_uri})
