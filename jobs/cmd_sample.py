@@ -39,7 +39,7 @@ def run(args) -> int:
 
     from raygen.jobs.cli import UserError
     from raygen.models.io import load_generator
-    from raygen.spec.loader import _parse_value
+    from raygen.spec.loader import parse_value
     from raygen.train.images import save_grid
 
     loaded = load_generator(args.model, args.tracking_uri)
@@ -49,7 +49,7 @@ def run(args) -> int:
         key, _, text = item.partition("=")
         if key not in model.sampling_options:
             raise UserError(f"--set {key}: unknown sampling option; this model takes {sorted(model.sampling_options) or 'none'}")
-        options[key] = model.sampling_options[key][0](_parse_value(text))
+        options[key] = model.sampling_options[key][0](parse_value(text))
     if args.n < 1:
         raise UserError("-n must be at least 1")
     label = parse_label(args.label, info)

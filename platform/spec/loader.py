@@ -12,7 +12,7 @@ from raygen.spec.errors import SpecError, format_pydantic_errors
 from raygen.spec.schema import JobSpec
 
 
-def _parse_value(text: str) -> Any:
+def parse_value(text: str) -> Any:
     """CLI values are YAML scalars: `1e-3`, `true`, `[4, 8]`, `gpt2`."""
     try:
         value = yaml.safe_load(text)
@@ -52,7 +52,7 @@ def apply_overrides(raw: dict, overrides: Iterable[str] | dict[str, Any]) -> dic
             if "=" not in item:
                 raise SpecError([f"override '{item}' must look like key.path=value, e.g. train.optimizer.lr=1e-3"])
             key, _, text = item.partition("=")
-            items.append((key.strip(), _parse_value(text)))
+            items.append((key.strip(), parse_value(text)))
     for key, value in items:
         if not key or any(not part for part in key.split(".")):
             raise SpecError([f"override key '{key}' is not a dotted path such as train.steps"])

@@ -1,0 +1,68 @@
+"""`raygen serve`: host generators over HTTP with Ray Serve until stopped."""
+from __future__ import annotations
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "serve", help="serve trained generators over HTTP (Ray Serve)",
+        description="Start a Ray Serve app with one generator deployment per --model, print its URL and "
+                    "serve until SIGINT/SIGTERM. API: POST /v1/generate, GET /v1/models, GET /healthz, "
+                    "playground at /, OpenAPI docs at /docs.")
+    p.add_argument("--model", action="append", required=True, metavar="[NAME=]URI",
+                   help="exported model folder, run or checkpoint folder, or models:/NAME/VERSION; "
+                        "repeat to serve several (the first is the default)")
+    p.add_argument("--host", default=None, help="address to listen on (default serve.host, 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="port (default serve.port, 8000)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for models:/ and runs:/ URIs")
+    p.add_argument("--set", action="append", default=[], metavar="serve.KEY=VALUE",
+                   help="override the model's serve settings, e.g. --set serve.max_n=32 --set serve.replicas=2")
+    p.add_argument("--scorer", default=None, metavar="CLIP_SPEC",
+                   help="load a CLIP scorer (raygen.metrics.load_scorer) to enable best_of reranking")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster to join (default: RAY_ADDRESS, else an embedded local cluster)")
+    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE_OR_FILE",
+                   help="import a module or .py file that registers an extra model family (repeatable)")
+    p.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs per generator replica (default 1)")
+    p.add_argument("--replica-gpus", type=float, default=0.0,
+                   help="GPUs per generator replica; > 0 samples on CUDA (default 0)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from pydantic import ValidationError
+
+    from raygen.jobs.cli import UserError
+    from raygen.serving.app import AppArgs, DeployError, serve_forever
+
+    try:
+        app_args = AppArgs(models=args.model, tracking_uri=args.tracking_uri, serve=_overrides(args.set),
+                           scorer=args.scorer, imports=args.imports, replica_cpus=args.replica_cpus,
+                           replica_gpus=args.replica_gpus)
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise UserError(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from None
+    if args.port is not None and not 1 <= args.port <= 65535:
+        raise UserError(f"--port must be 1..65535, got {args.port}")
+    try:
+        return serve_forever(app_args, host=args.host, port=args.port, address=args.address)
+    except DeployError as err:
+        raise UserError(f"{err} (the replica logs under the Ray session folder have the traceback)") from None
+    except (OSError, ValueError, ImportError) as err:
+        # a busy port, a missing --import file, two models with one name: one line, no traceback
+        from raygen.spec.errors import SpecError
+        if isinstance(err, SpecError):
+            raise
+        raise UserError(str(err)) from None
+
+
+def _overrides(items: list[str]) -> dict:
+    from raygen.jobs.cli import UserError
+    from raygen.spec.loader import parse_value
+
+    out = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise UserError(f"--set {item!r} must look like serve.KEY=VALUE, e.g. serve.max_n=32")
+        out[key.strip()] = parse_value(text)
+    return out
