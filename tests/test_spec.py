@@ -112,3 +112,8 @@ def test_stdlib_platform_is_not_shadowed():
                          cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
     assert not out.startswith(str(REPO)) and out.endswith("platform.py")
     assert not (REPO / "platform" / "__init__.py").exists()
+
+
+def test_spec_reference_doc_is_current():
+    out = subprocess.run([sys.executable, str(REPO / "docs" / "gen_spec.py")], capture_output=True, text=True, check=True).stdout
+    assert out == (REPO / "docs" / "spec.md").read_text(), "docs/spec.md is stale: python docs/gen_spec.py > docs/spec.md"

@@ -163,6 +163,7 @@ class FIDSpec(Section):
     every: int = Field(0, ge=0, description="compute FID every N steps (0: only at the end)")
     samples: int = Field(256, ge=16)
     extractor: str = Field("domain", description="'domain' (a feature net trained on the dataset) or 'inception:PATH'")
+    fit_seconds: float = Field(30.0, gt=0, description="time budget to fit the domain feature net (once per dataset)")
     enabled: bool = True
 
 
@@ -193,8 +194,7 @@ class TuneSpec(Section):
     metric: str = "val_loss"
     mode: Literal["min", "max"] = "min"
     scheduler: TuneSchedulerSpec = Field(default_factory=TuneSchedulerSpec)
-    max_concurrent: int = Field(1, ge=1)
-    report_every: int = Field(50, ge=1, description="steps between reports to the scheduler")
+    max_concurrent: int = Field(1, ge=1, description="trials at a time; each holds scale.workers workers (trials report at every train.eval_every)")
 
     @field_validator("space")
     @classmethod

@@ -130,7 +130,17 @@ class DeepSpeedStrategy(Strategy):
             for group in self.engine.optimizer.param_groups:
                 group["lr"] = 0.0
         self.engine.backward(loss)
+        if last_micro:
+            self._fallback_norm = self._grad_norm_from_params()
         self.engine.step()  # DeepSpeed applies the optimizer at the accumulation boundary only
+
+    def _grad_norm_from_params(self) -> float | None:
+        # ZeRO 0 does not report a global norm; its gradients sit on the parameters,
+        # already all-reduced at the boundary. Sharded stages keep them elsewhere.
+        if self.ds_config["zero_optimization"]["stage"] != 0:
+            return None
+        grads = [p.grad.float() for p in self.engine.module.parameters() if p.grad is not None]
+        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else None
 
     def step(self, before_update, skip):
         # DeepSpeed already applied the update (and its own norm clipping) in backward().
@@ -138,7 +148,7 @@ class DeepSpeedStrategy(Strategy):
         self._bad_in_step = False
         overflow = bool(getattr(self.engine.optimizer, "overflow", False))
         norm = self.engine.get_global_grad_norm()
-        norm = float(norm) if norm is not None else None
+        norm = float(norm) if norm is not None else getattr(self, "_fallback_norm", None)
         scale = float(getattr(self.engine.optimizer, "cur_scale", getattr(self.engine.optimizer, "loss_scale", 1.0)) or 1.0)
         return StepResult(applied and not overflow, norm, scale, self._applied_lr)
 

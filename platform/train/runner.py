@@ -43,6 +43,33 @@ def pick_run_dir(spec: JobSpec, resume: bool) -> Path:
     return root / f"{spec.name}-{n}"
 
 
+def quiet_data_progress() -> None:
+    """The trainer prints its own progress; Ray Data's per-operator bars from
+    every worker would bury it."""
+    from ray.data import DataContext
+    ctx = DataContext.get_current()
+    for flag in ("enable_progress_bars", "enable_operator_progress_bars", "print_on_execution_start"):
+        if hasattr(ctx, flag):
+            setattr(ctx, flag, False)
+
+
+def with_absolute_paths(spec: JobSpec) -> JobSpec:
+    data = spec.data.model_copy(update={"root": str(Path(spec.data.root).resolve())})
+    if spec.data.source:
+        data = data.model_copy(update={"source": str(Path(spec.data.source).resolve())})
+    if Path(spec.data.dataset).exists():
+        data = data.model_copy(update={"dataset": str(Path(spec.data.dataset).resolve())})
+    fid = spec.track.fid
+    kind, sep, rest = fid.extractor.partition(":")
+    if sep and rest and Path(rest).exists():
+        fid = fid.model_copy(update={"extractor": f"{kind}:{Path(rest).resolve()}"})
+    scale = spec.scale
+    if scale.deepspeed_config:
+        scale = scale.model_copy(update={"deepspeed_config": str(Path(scale.deepspeed_config).resolve())})
+    return spec.model_copy(update={"run_dir": str(Path(spec.run_dir).resolve()), "data": data, "scale": scale,
+                                   "track": spec.track.model_copy(update={"fid": fid})})
+
+
 def check_compatibility(spec: JobSpec) -> None:
     if spec.train.ema.enabled and spec.scale.strategy == "deepspeed" and spec.scale.zero_stage == 3:
         raise SpecError(["train.ema.enabled: EMA needs full weights on each worker; with scale.zero_stage 3 "
@@ -64,6 +91,7 @@ def run_training(spec: JobSpec, *, resume: bool = False, tracking_uri: str | Non
     from raygen.train.worker import train_worker
 
     started = time.perf_counter()
+    spec = with_absolute_paths(spec)  # Ray workers do not run in the driver's folder
     check_compatibility(spec)
     if spec.scale.strategy == "deepspeed":  # surface DeepSpeed config errors before anything starts
         from raygen.train.deepspeed_strategy import build_deepspeed_config
@@ -78,7 +106,15 @@ def run_training(spec: JobSpec, *, resume: bool = False, tracking_uri: str | Non
     n_params = sum(p.numel() for p in probe.parameters())
     del probe
 
+    if spec.track.fid.enabled and final_eval:
+        # fit (or load) the FID feature net once here, so workers and the final eval only load it
+        from raygen.train.wrapup import dataset_extractor
+        if progress and spec.track.fid.extractor == "domain":
+            print("[raygen] preparing the FID feature extractor (trained once per dataset, then cached)", flush=True)
+        dataset_extractor(spec, data_dir)
+
     resources = ensure_ray(address or spec.scale.address)
+    quiet_data_progress()
     cpus = cpus_per_worker(spec.scale.cpus_per_worker, spec.scale.workers, resources.get("CPU", 1))
     if spec.scale.use_gpu and resources.get("GPU", 0) < spec.scale.workers:
         raise SpecError([f"scale.use_gpu: the cluster has {resources.get('GPU', 0):g} GPUs for {spec.scale.workers} workers; "
@@ -108,7 +144,7 @@ def run_training(spec: JobSpec, *, resume: bool = False, tracking_uri: str | Non
             "spec": spec_to_dict(spec), "data_info": info.to_dict(), "run_dir": str(run_dir),
             "tracking_uri": tracking_uri, "mlflow_run_id": tracked.run_id,
             "resume_from": str(resume_from) if resume_from else None, "stop_after": stop_after,
-            "progress": progress, "threads_per_worker": max(1, int(cpus)),
+            "progress": progress, "threads_per_worker": max(1, int(cpus)), "data_dir": str(data_dir),
         },
         scaling_config=ScalingConfig(num_workers=spec.scale.workers, use_gpu=spec.scale.use_gpu,
                                      resources_per_worker={"CPU": cpus}),

@@ -72,6 +72,7 @@ class Trainer:
         self.restored_ema = None  # EMA weights read from a checkpoint, for EMAHook
         self.last_metrics: dict[str, float] = {}
         self.step_losses: list[float] = []  # loss of every step run in this process (tests, exact resume)
+        self._eval_cache: tuple[int, dict[str, torch.Tensor]] | None = None
 
     # ------------------------------------------------------------ set-up
     def _fire(self, event: str, *args) -> None:
@@ -205,7 +206,14 @@ class Trainer:
 
     # ------------------------------------------------------------ eval
     def eval_weights(self) -> dict[str, torch.Tensor]:
-        return self.ema.state_dict() if self.ema is not None else self.strategy.full_state_dict()
+        """EMA weights when kept, else the full weights. Gathering sharded (ZeRO-3)
+        weights is a collective, so it happens once per step on every rank and
+        rank-0-only hooks reuse the result."""
+        if self.ema is not None:
+            return self.ema.state_dict()
+        if self._eval_cache is None or self._eval_cache[0] != self.state.step:
+            self._eval_cache = (self.state.step, self.strategy.full_state_dict())
+        return self._eval_cache[1]
 
     def eval_model(self) -> Generator:
         """A float32 copy of the generator holding the eval weights (EMA when kept)."""
@@ -217,6 +225,7 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         metrics: dict[str, float] = {}
+        self.eval_weights()  # every rank takes part in gathering the weights, before any rank-0 hook needs them
         if self.val_data is not None:
             model = self.eval_model()
             total, count = 0.0, 0
@@ -245,7 +254,10 @@ class Trainer:
         if self.checkpoints is None:
             return None
         step = self.state.step
-        full = self.strategy.full_state_dict()  # a collective under ZeRO-3: every rank calls it
+        if self._eval_cache is not None and self._eval_cache[0] == step:
+            full = self._eval_cache[1]
+        else:
+            full = self.strategy.full_state_dict()  # a collective under ZeRO-3: every rank calls it
         if self.rank == 0:
             self.checkpoints.begin(step)
         barrier()

@@ -28,7 +28,7 @@ def make_strategy(spec: JobSpec, world_size: int, device: torch.device) -> Strat
                        initial_loss_scale=spec.train.initial_loss_scale, device=device)
 
 
-def make_hooks(spec: JobSpec, *, sink, run_dir: Path, progress: bool) -> list[Hook]:
+def make_hooks(spec: JobSpec, *, sink, run_dir: Path, progress: bool, data_dir: str | None = None) -> list[Hook]:
     hooks: list[Hook] = []
     if spec.scale.strategy == "ddp" and (spec.train.clip.norm or spec.train.clip.value):
         hooks.append(GradClipHook(spec.train.clip.norm, spec.train.clip.value))
@@ -40,7 +40,7 @@ def make_hooks(spec: JobSpec, *, sink, run_dir: Path, progress: bool) -> list[Ho
         hooks.append(SampleGridHook(sink, run_dir / "samples", spec.train.grid_samples))
     if spec.track.fid.enabled and spec.track.fid.every:
         from raygen.train.fid_hook import FIDHook
-        hooks.append(FIDHook(spec, sink, run_dir))
+        hooks.append(FIDHook(spec, sink, data_dir))
     return hooks
 
 
@@ -91,7 +91,8 @@ def train_worker(config: dict[str, Any]) -> None:
         strategy=make_strategy(spec, world, device),
         train_data=WorkerBatches(ray.train.get_dataset_shard("train"), spec.data, rank=rank, world_size=world, train=True),
         val_data=WorkerBatches(ray.train.get_dataset_shard("val"), spec.data, rank=rank, world_size=world, train=False),
-        hooks=make_hooks(spec, sink=sink, run_dir=run_dir, progress=config.get("progress", True)),
+        hooks=make_hooks(spec, sink=sink, run_dir=run_dir, progress=config.get("progress", True),
+                         data_dir=config.get("data_dir")),
         checkpoints=CheckpointManager(run_dir / "checkpoints", spec.train.keep_checkpoints,
                                       spec.train.best_metric, spec.train.best_mode),
         report=report, rank=rank, world_size=world,

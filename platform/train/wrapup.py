@@ -27,14 +27,31 @@ def generate(model, n: int, seed: int, batch: int = 64) -> torch.Tensor:
     return torch.cat(out)
 
 
-def compute_run_fid(spec: JobSpec, model, data_dir: Path, n: int, cache_dir: Path) -> dict:
+# The domain feature net is fit on (at most) this many train images; the same
+# subset everywhere keeps one cache entry per dataset.
+DOMAIN_FIT_IMAGES = 8192
+
+
+def dataset_extractor(spec: JobSpec, data_dir: Path):
+    """The spec's named FID extractor for this dataset (trained once, then cached)."""
+    from raygen.data import load_split_images
+    from raygen.metrics import get_dataset_extractor
+
+    cache_dir = Path(spec.data.root) / "fid-cache"
+    if spec.track.fid.extractor != "domain":
+        return get_dataset_extractor(spec.track.fid.extractor, data_dir, cache_dir=cache_dir)
+    train = load_split_images(data_dir, "train", spec.data, limit=DOMAIN_FIT_IMAGES)
+    return get_dataset_extractor("domain", data_dir, train["image"], train.get("label"), cache_dir,
+                                 max_seconds=spec.track.fid.fit_seconds)
+
+
+def compute_run_fid(spec: JobSpec, model, data_dir: Path, n: int) -> dict:
     """FID/KID of n samples against n val images, with the spec's named extractor."""
     from raygen.data import load_split_images
-    from raygen.metrics import compute_fid, get_dataset_extractor
+    from raygen.metrics import compute_fid
 
     ref = load_split_images(data_dir, "val", spec.data, limit=n)
-    train = load_split_images(data_dir, "train", spec.data, limit=4096)
-    extractor = get_dataset_extractor(spec.track.fid.extractor, data_dir, train["image"], train.get("label"), cache_dir)
+    extractor = dataset_extractor(spec, data_dir)
     fake = generate(model, min(n, len(ref["image"])), seed=spec.train.seed + 1)
     return compute_fid(fake, ref["image"], extractor)
 
@@ -63,7 +80,7 @@ def finish_run(spec: JobSpec, out, tracked, data_dir: Path, *, progress: bool = 
         if progress:
             print(f"[raygen] computing FID on {spec.track.fid.samples} samples "
                   f"(extractor: {spec.track.fid.extractor})", flush=True)
-        fid = compute_run_fid(spec, loaded.model, data_dir, spec.track.fid.samples, Path(spec.data.root) / "fid-cache")
+        fid = compute_run_fid(spec, loaded.model, data_dir, spec.track.fid.samples)
         out.metrics.update({"fid": fid["fid"], "kid": fid["kid"]})
         tracked.log_metrics({"fid": fid["fid"], "kid": fid["kid"], "fid_samples": float(fid["n_generated"])},
                             step=spec.train.steps)
