@@ -76,4 +76,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m raygen.jobs.cli` runs this file as __main__: use the package's
+    # own module so its error classes are the ones `main` catches.
+    from raygen.jobs.cli import main as package_main
+    sys.exit(package_main())

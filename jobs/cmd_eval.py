@@ -27,7 +27,7 @@ def evaluate_model(loaded, *, samples: int | None = None, extractor: str | None 
     data_dir = ensure_dataset(spec.data)
     n = samples or spec.track.fid.samples
     out: dict[str, float | str] = {}
-    fid = compute_run_fid(spec, loaded.model, data_dir, n, Path(spec.data.root) / "fid-cache")
+    fid = compute_run_fid(spec, loaded.model, data_dir, n)
     out.update({"fid": fid["fid"], "kid": fid["kid"], "fid_samples": fid["n_generated"], "fid_extractor": fid["extractor"]})
     val = load_split_images(data_dir, "val", spec.data, limit=512)
     model = loaded.model
@@ -53,10 +53,17 @@ def evaluate_model(loaded, *, samples: int | None = None, extractor: str | None 
 
 
 def run(args) -> int:
+    from raygen.jobs.cli import UserError
+    from raygen.metrics.errors import MetricsError
     from raygen.models.io import load_generator
 
+    if args.samples is not None and args.samples < 2:
+        raise UserError(f"--samples {args.samples}: FID/KID need at least 2 samples")
     loaded = load_generator(args.model, args.tracking_uri)
-    results = evaluate_model(loaded, samples=args.samples, extractor=args.extractor)
+    try:
+        results = evaluate_model(loaded, samples=args.samples, extractor=args.extractor)
+    except MetricsError as err:  # e.g. missing Inception weights: the message says what to do
+        raise UserError(str(err)) from None
     for k, v in results.items():
         print(f"{k:>20}: {v:.5g}" if isinstance(v, float) else f"{k:>20}: {v}")
     run_id = loaded.meta.get("run_id")

@@ -34,6 +34,17 @@ def parse_label(value: str | None, info) -> int | None:
     return label
 
 
+def _convert_option(key: str, value, typ):
+    """A --set value as the option's declared type; a value of another type is a user error."""
+    from raygen.jobs.cli import UserError
+    ok = isinstance(value, typ) and not (typ is not bool and isinstance(value, bool))
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        ok, value = True, float(value)
+    if not ok:
+        raise UserError(f"--set {key}: expects {typ.__name__}, got {value!r}")
+    return value
+
+
 def run(args) -> int:
     import torch
 
@@ -46,24 +57,43 @@ def run(args) -> int:
     model, info = loaded.model, loaded.data_info
     options = {}
     for item in args.set:
-        key, _, text = item.partition("=")
+        key, eq, text = item.partition("=")
+        if not eq or not key:
+            raise UserError(f"--set {item}: expected OPTION=VALUE, e.g. temperature=0.8")
         if key not in model.sampling_options:
             raise UserError(f"--set {key}: unknown sampling option; this model takes {sorted(model.sampling_options) or 'none'}")
-        options[key] = model.sampling_options[key][0](parse_value(text))
+        options[key] = _convert_option(key, parse_value(text), model.sampling_options[key][0])
     if args.n < 1:
         raise UserError("-n must be at least 1")
+    if args.best_of is not None and args.best_of < 1:
+        raise UserError("--best-of must be at least 1")
+    if args.label is not None and model.conditioning != "label":
+        kind = "captions" if model.conditioning == "caption" else "nothing"
+        raise UserError(f"--label: this model conditions on {kind}, not class labels; leave --label out"
+                        + (" and use --caption" if model.conditioning == "caption" else ""))
     label = parse_label(args.label, info)
     m = args.best_of or 1
     if m > 1 and not (args.scorer and args.caption):
         raise UserError("--best-of needs --scorer (a CLIP model) and --caption (the prompt to score against)")
+    reranker = None
+    if m > 1:  # load the scorer before generating n * M images, so a bad --scorer fails fast
+        from raygen.metrics import BestOfN, load_scorer
+        from raygen.metrics.errors import MetricsError
+        try:
+            reranker = BestOfN(load_scorer(args.scorer))
+        except MetricsError as err:  # e.g. no CLIP weights at the path
+            raise UserError(f"--scorer: {err}") from None
     total = args.n * m
     labels = torch.full((total,), label, dtype=torch.long) if label is not None else None
     captions = [args.caption] * total if args.caption and model.conditioning == "caption" else None
     gen = torch.Generator().manual_seed(args.seed)
-    images = model.sample(total, labels=labels, captions=captions, generator=gen, **options)
+    try:
+        images = model.sample(total, labels=labels, captions=captions, generator=gen, **options)
+    except ValueError as err:  # an option value the model rejects (e.g. a negative temperature)
+        if not options:
+            raise
+        raise UserError(f"--set: {err}") from None
     if m > 1:
-        from raygen.metrics import BestOfN, load_scorer
-        reranker = BestOfN(load_scorer(args.scorer))
         kept, scores = [], []
         for i in range(args.n):
             top, s, _ = reranker.rerank(args.caption, images[i * m:(i + 1) * m], 1)

@@ -25,15 +25,39 @@ def register(sub) -> None:
         q.set_defaults(func=fn)
 
 
+def _dashboard_url(address: str) -> str:
+    """The Jobs API talks to the dashboard over HTTP. A bare HOST:PORT is taken as
+    http://HOST:PORT: left bare, Ray's client would read it as a GCS address and
+    wait ~45 s for a cluster to answer before failing. 'auto' (the cluster this
+    machine belongs to) is passed on as is."""
+    address = address.strip().rstrip("/")
+    return address if "://" in address or address == "auto" else f"http://{address}"
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
 def _client(address: str):
     from ray.job_submission import JobSubmissionClient
 
     from raygen.jobs.cli import UserError
+    url = _dashboard_url(address)
     try:
-        return JobSubmissionClient(address)
+        return JobSubmissionClient(url)
     except Exception as err:
-        raise UserError(f"cannot reach the Ray cluster at {address} ({str(err).splitlines()[0]}); "
+        raise UserError(f"cannot reach the Ray cluster at {url} ({_first_line(err)}); "
                         "check the dashboard address (http://HEAD:8265) and that the cluster is up (`ray up cluster.yaml`)") from None
+
+
+def _call(what: str, fn, *args, **kwargs):
+    """A Jobs API call; a refused request (unknown job id, cluster gone) is a user error, not a traceback."""
+    from raygen.jobs.cli import UserError
+    try:
+        return fn(*args, **kwargs)
+    except (RuntimeError, OSError) as err:  # the SDK raises RuntimeError for non-200 replies; requests' errors are OSErrors
+        raise UserError(f"{what} failed: {_first_line(err)}") from None
 
 
 def submit(args) -> int:
@@ -41,7 +65,8 @@ def submit(args) -> int:
     load_spec(args.spec, args.set)  # fail here, not on the cluster
     entry = " ".join(["raygen", args.kind, shlex.quote(args.spec)] + [f"--set {shlex.quote(s)}" for s in args.set])
     client = _client(args.address)
-    job_id = client.submit_job(entrypoint=entry, runtime_env={"working_dir": ".", "excludes": ["runs/", ".venv/", ".git/"]})
+    job_id = _call("submitting the job", client.submit_job, entrypoint=entry,
+                   runtime_env={"working_dir": ".", "excludes": ["runs/", ".venv/", ".git/"]})
     print(f"submitted {job_id}: {entry}")
     print(f"  status: raygen submit status {job_id} --address {args.address}")
     print(f"  logs:   raygen submit logs {job_id} --address {args.address} --follow")
@@ -52,7 +77,7 @@ def submit(args) -> int:
 
 
 def status(args) -> int:
-    info = _client(args.address).get_job_info(args.job_id)
+    info = _call(f"status of {args.job_id}", _client(args.address).get_job_info, args.job_id)
     print(f"{args.job_id}: {info.status}" + (f" ({info.message})" if info.message else ""))
     return 0
 
@@ -60,14 +85,14 @@ def status(args) -> int:
 def logs(args) -> int:
     client = _client(args.address)
     if not getattr(args, "follow", False):
-        print(client.get_job_logs(args.job_id), end="")
+        print(_call(f"logs of {args.job_id}", client.get_job_logs, args.job_id), end="")
         return 0
     seen = 0
     while True:  # polling keeps this free of an async client
-        text = client.get_job_logs(args.job_id)
+        text = _call(f"logs of {args.job_id}", client.get_job_logs, args.job_id)
         print(text[seen:], end="", flush=True)
         seen = len(text)
-        state = client.get_job_status(args.job_id)
+        state = _call(f"status of {args.job_id}", client.get_job_status, args.job_id)
         if state.is_terminal():
             print(f"\njob {args.job_id} ended: {state}")
             return 0 if str(state).endswith("SUCCEEDED") else 1
@@ -75,6 +100,6 @@ def logs(args) -> int:
 
 
 def stop(args) -> int:
-    ok = _client(args.address).stop_job(args.job_id)
+    ok = _call(f"stopping {args.job_id}", _client(args.address).stop_job, args.job_id)
     print(f"{'stopping' if ok else 'already ended'}: {args.job_id}")
     return 0

@@ -36,4 +36,6 @@ def run(args) -> int:
     print(f"best: {metric}={result.best_metrics[metric]:.4f} with " +
           " ".join(f"--set {k}={v}" for k, v in result.best_overrides.items()))
     print(f"MLflow parent run {result.parent_run_id} in {result.tracking_uri}; results in {result.sweep_dir}/results.json")
+    if result.model_uri:
+        print(f"best model: {result.model_uri}; serve it: raygen serve --model {result.model_uri} --tracking-uri {result.tracking_uri}")
     return 0
