@@ -65,7 +65,8 @@ def test_strategies_train_on_two_cpu_workers(ray_session, tmp_path, data_root, s
     assert all(torch.isfinite(torch.tensor(v)) for _, v in losses)
     assert [p.name for p in list_checkpoints(result.run_dir)] == ["step-00000003", "step-00000006"]
     assert history(result, "val_loss")
-    assert history(result, "grad_norm") and history(result, "images_per_s")
+    assert history(result, "grad_norm") and history(result, "images_per_s") and history(result, "data_wait_s")
+    assert history(result, "mem_rss_mb_rank0") and history(result, "mem_rss_mb_rank1")  # memory of every worker
     weights = load_file(str(result.checkpoint / "export" / "weights.safetensors"))
     assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
 
@@ -84,9 +85,26 @@ def test_resumed_run_matches_uninterrupted_run(ray_session, tmp_path, data_root)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_killed_worker_recovers_from_last_checkpoint(ray_session, tmp_path, data_root):
-    from ray.util.state import list_actors
+def train_worker_pids() -> list[int]:
+    """PIDs of this session's Ray Train workers (children of our own raylet)."""
+    import psutil
+    import ray
+    from ray._private import ray_constants
 
+    node = ray._private.worker._global_node
+    raylets = [p.process.pid for p in node.all_processes[ray_constants.PROCESS_TYPE_RAYLET]]
+    found = []
+    for pid in raylets:
+        for child in psutil.Process(pid).children(recursive=True):
+            try:
+                if "RayTrainWorker" in " ".join(child.cmdline()):
+                    found.append(child.pid)
+            except psutil.NoSuchProcess:
+                pass
+    return sorted(found)
+
+
+def test_killed_worker_recovers_from_last_checkpoint(ray_session, tmp_path, data_root):
     spec = tiny_spec(tmp_path, data_root,
                      train={"steps": 400, "eval_every": 1000, "checkpoint_every": 20, "val_batches": 1,
                             "grid_samples": 4, "log_every": 5, "optimizer": {"lr": 3e-3}},
@@ -99,9 +117,9 @@ def test_killed_worker_recovers_from_last_checkpoint(ray_session, tmp_path, data
     while time.time() < deadline and not (ckpts / "step-00000020").is_dir():
         time.sleep(0.2)
     assert (ckpts / "step-00000020").is_dir(), "no checkpoint appeared"
-    workers = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if "TrainWorker" in a.class_name]
-    assert workers, "no Ray Train worker actor found"
-    os.kill(workers[-1].pid, signal.SIGKILL)
+    workers = train_worker_pids()
+    assert workers, "no Ray Train worker process found"
+    os.kill(workers[-1], signal.SIGKILL)
     runner.join(timeout=280)
     assert not runner.is_alive()
     result = outcome["result"]

@@ -2,7 +2,6 @@
 and `ensure_dataset`, which prepares a job's data once and reuses it."""
 from __future__ import annotations
 
-import contextlib
 import glob as globlib
 import hashlib
 import json
@@ -21,6 +20,7 @@ from raygen.data.images import decode_image, encode_png, fit_image, mode_for, to
 from raygen.data.manifest import MANIFEST_NAME, SCHEMA_VERSION, Manifest, read_manifest
 from raygen.data.registry import PrepareRequest, get_builder, is_builtin
 from raygen.data.shards import DEFAULT_SHARD_BYTES, TMP_PREFIX, Record, ShardWriter, clear_dataset_dir, write_manifest
+from raygen.locks import file_lock
 
 log = logging.getLogger("raygen.data")
 
@@ -174,20 +174,6 @@ def _import_fingerprint(path: str) -> list:
     return sorted((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
 
 
-@contextlib.contextmanager
-def _lock(path: Path):
-    """An exclusive file lock, so two trials preparing the same data wait
-    for each other instead of writing the same folder."""
-    import fcntl
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def _usable(target: Path) -> bool:
     try:
         read_manifest(target)
@@ -241,7 +227,7 @@ def ensure_dataset(data_spec) -> Path:
         prepare_args = dict(name_or_path=str(p.resolve()) if p.exists() else ds, source=None)
     if _usable(target):
         return target
-    with _lock(root / f".{target.name}.lock"):
+    with file_lock(root / f".{target.name}.lock"):
         if _usable(target):  # another process prepared it while we waited
             return target
         print(f"raygen data: preparing {ds} ({data_spec.resolution}px, {data_spec.channels} channel(s), "

@@ -7,8 +7,6 @@ the dataset's domain feature net once and reusing it afterwards.
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
 from pathlib import Path
@@ -20,6 +18,7 @@ from raygen.metrics.extractors import TorchExtractor, load_extractor
 from raygen.metrics.frechet import frechet_distance, gaussian_stats, kernel_distance
 from raygen.metrics.preprocess import out_of_range_fraction
 from raygen.metrics.reference import ReferenceStats, dataset_checksum, reference_stats
+from raygen.locks import file_lock
 
 
 def _check_compatible(stats: ReferenceStats, extractor) -> None:
@@ -77,19 +76,6 @@ class FIDEvaluator:
         return compute_fid(generated, self.stats, self.extractor, seed=self.seed, **self.kid_options)
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path):
-    """Exclusive lock across processes (e.g. Tune trials sharing one cache):
-    the first trains the feature net, the others wait and reuse it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def get_dataset_extractor(fid_spec_extractor: str, dataset_dir: str | Path | None = None,
                           images: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                           cache_dir: str | Path = "runs/metrics-cache", *, device: str | torch.device = "cpu",
@@ -123,7 +109,7 @@ def get_dataset_extractor(fid_spec_extractor: str, dataset_dir: str | Path | Non
     ext = cached()
     if ext is not None:
         return ext
-    with _file_lock(cache_dir / f".domain-{checksum}.lock"):
+    with file_lock(cache_dir / f".domain-{checksum}.lock"):
         ext = cached()  # another process may have finished while this one waited
         if ext is not None:
             return ext

@@ -10,16 +10,20 @@ from raygen.tracking.store import client
 def log_and_register(tracking_uri: str, run_id: str, export_dir: str | Path, name: str | None) -> str | None:
     """Log `export_dir` as the run's `model` artifact; register it under `name`.
     Returns the `models:/NAME/VERSION` URI (or the runs:/ URI when not registering)."""
-    c = client(tracking_uri)
-    c.log_artifacts(run_id, str(export_dir), "model")
-    source = f"runs:/{run_id}/model"
+    client(tracking_uri).log_artifacts(run_id, str(export_dir), "model")
     if not name:
-        return source
+        return f"runs:/{run_id}/model"
+    return register(tracking_uri, run_id, name)
+
+
+def register(tracking_uri: str, run_id: str, name: str) -> str:
+    """Register the run's `model` artifact as a new version of `name`."""
+    c = client(tracking_uri)
     try:
         c.get_registered_model(name)
     except Exception:
         c.create_registered_model(name, description="raygen generator (safetensors weights + job spec)")
-    version = c.create_model_version(name, source=source, run_id=run_id)
+    version = c.create_model_version(name, source=f"runs:/{run_id}/model", run_id=run_id)
     return f"models:/{name}/{version.version}"
 
 

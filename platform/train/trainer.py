@@ -46,7 +46,26 @@ class TrainState:
 
 
 def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    try:
+        import psutil
+        return psutil.Process().memory_info().rss / 2**20
+    except ImportError:  # peak instead of current, but still a figure
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def memory_per_worker(device: torch.device) -> dict[str, float]:
+    """Resident memory of every worker (and GPU memory), gathered to all ranks."""
+    mine = [_rss_mb(), torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0]
+    local = torch.tensor(mine, dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        parts = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, local)
+    else:
+        parts = [local]
+    out = {f"mem_rss_mb_rank{r}": float(p[0]) for r, p in enumerate(parts)}
+    if device.type == "cuda":
+        out.update({f"gpu_mem_max_mb_rank{r}": float(p[1]) for r, p in enumerate(parts)})
+    return out
 
 
 class Trainer:
@@ -177,7 +196,9 @@ class Trainer:
                        "images_per_s": images * self.world_size / max(now - t_last, 1e-9),
                        "loss_scale": result.loss_scale, "epoch": float(self.state.epoch),
                        "corrupt_records": float(getattr(self.train_data, "corrupt_count", 0)),
-                       "mem_rss_mb": _rss_mb(), **{f"train_{k}": v for k, v in extra.items()}}
+                       **{f"train_{k}": v for k, v in extra.items()}}
+            if self.state.step % spec.log_every == 0:  # a tiny all-gather, not every step
+                metrics.update(memory_per_worker(self.strategy.device))
             if result.grad_norm is not None:
                 metrics["grad_norm"] = result.grad_norm
             t_last = now

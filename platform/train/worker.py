@@ -44,15 +44,16 @@ def make_hooks(spec: JobSpec, *, sink, run_dir: Path, progress: bool, data_dir: 
     return hooks
 
 
-def _resume_folder(config: dict[str, Any]) -> Path | None:
-    import ray.train
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:  # Ray restarted the workers after a failure
-        with ckpt.as_directory() as d:
-            return Path(json.loads((Path(d) / POINTER).read_text())["path"])
-    if config.get("resume_from"):
-        return Path(config["resume_from"])
-    return None
+def _resume_folder(config: dict[str, Any], run_dir: Path) -> Path | None:
+    """Where to continue from. A run folder is new unless --resume, so a
+    completed checkpoint in it means this is a restart after a failure (Ray
+    restarted the workers) or a resume: continue from the newest one. Ray's
+    own record of reported checkpoints can lag behind a checkpoint that was
+    committed just before the failure, so the folder is the source of truth."""
+    latest = find_latest_checkpoint(run_dir)
+    if latest is not None:
+        return latest
+    return Path(config["resume_from"]) if config.get("resume_from") else None
 
 
 def train_worker(config: dict[str, Any]) -> None:
@@ -100,7 +101,7 @@ def train_worker(config: dict[str, Any]) -> None:
     )
     if rank == 0:
         trainer.checkpoints.clean_stale()
-    resume = _resume_folder(config)
+    resume = _resume_folder(config, run_dir)
     if resume is not None and rank == 0:
         print(f"[raygen] resuming from {resume}", flush=True)
     trainer.fit(resume, stop_after=config.get("stop_after"))

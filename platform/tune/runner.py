@@ -22,6 +22,7 @@ class TuneResult:
     parent_run_id: str | None = None
     tracking_uri: str = ""
     sweep_dir: Path | None = None
+    model_uri: str | None = None
 
 
 def _scheduler(spec: JobSpec):
@@ -55,6 +56,7 @@ def _trial_fn(base_raw: dict, parent_run_id: str, tracking_uri: str, sweep_dir: 
         raw = apply_overrides(base_raw, overrides)
         raw["name"] = f"{base_raw.get('name', 'raygen-run')}-{trial_id}"
         raw.setdefault("scale", {})["cpus_per_worker"] = cpus_per_worker
+        raw.setdefault("track", {})["register_model"] = False  # the sweep registers its best trial only
         spec = parse_spec(raw)
         result = run_training(spec, tracking_uri=tracking_uri, progress=False, parent_run_id=parent_run_id,
                               extra_callbacks=[TuneReportCallback()], run_dir=Path(sweep_dir) / "trials" / trial_id)
@@ -114,7 +116,7 @@ def run_tune(spec: JobSpec, *, tracking_uri: str | None = None, address: str | N
     trials = []
     for r in grid:
         row = {"overrides": overrides_from_config(r.config or {}),
-               "metrics": {k: v for k, v in (r.metrics or {}).items() if isinstance(v, (int, float))},
+               "metrics": {k: v for k, v in (r.metrics or {}).items() if isinstance(v, (int, float)) or k == "mlflow_run_id"},
                "error": str(r.error).splitlines()[0] if r.error else None}
         trials.append(row)
     ok = [t for t in trials if spec.tune.metric in t["metrics"]]
@@ -125,10 +127,16 @@ def run_tune(spec: JobSpec, *, tracking_uri: str | None = None, address: str | N
     pick = min if spec.tune.mode == "min" else max
     best = pick(ok, key=lambda t: t["metrics"][spec.tune.metric])
     parent.log_params({f"best.{k}": v for k, v in best["overrides"].items()})
+    best_run = best["metrics"].get("mlflow_run_id")
+    model_uri = None
+    if spec.track.register_model and best_run:
+        from raygen.tracking.models import register
+        model_uri = register(tracking_uri, best_run, spec.name)
+        parent.set_tags({"raygen.best_run_id": best_run, "raygen.model_uri": model_uri})
     parent.log_metrics({f"best_{spec.tune.metric}": best["metrics"][spec.tune.metric],
                         "trials": float(len(trials)), "trials_failed": float(sum(1 for t in trials if t["error"]))})
     (sweep_dir / "results.json").write_text(json.dumps({"best": best, "trials": trials}, indent=2, default=str))
     parent.log_artifact(sweep_dir / "results.json")
     parent.finish()
     return TuneResult(best_overrides=best["overrides"], best_metrics=best["metrics"], trials=trials,
-                      parent_run_id=parent.run_id, tracking_uri=tracking_uri, sweep_dir=sweep_dir)
+                      parent_run_id=parent.run_id, tracking_uri=tracking_uri, sweep_dir=sweep_dir, model_uri=model_uri)
