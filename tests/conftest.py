@@ -33,8 +33,9 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
+        # the dashboard's state API lets Ray Train clean up after stopped Tune trials
         ray.init(address="local", num_cpus=2, object_store_memory=400 * 1024**2,
-                 include_dashboard=False, log_to_driver=False, _temp_dir=str(_TMP),
+                 include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False, _temp_dir=str(_TMP),
                  runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)}})
     yield ray
     ray.shutdown()

@@ -29,9 +29,11 @@ def test_tune_sweep_with_nested_mlflow_runs(ray_session, tmp_path):
     result = run_tune(spec, progress=False)
     assert len(result.trials) == 2 and not any(t["error"] for t in result.trials)
     assert {t["overrides"]["model.options.backbone"] for t in result.trials} == {"gpt2", "lstm"}
-    for t in result.trials:
+    for t in result.trials:  # every trial is a real run that reported val loss to the scheduler
         assert 1e-3 <= t["overrides"]["train.optimizer.lr"] <= 1e-2
-        assert t["metrics"]["val_loss"] > 0 and t["metrics"]["fid"] > 0
+        assert t["metrics"]["val_loss"] > 0
+    finished = [t for t in result.trials if "fid" in t["metrics"]]  # ASHA may stop the worse one early
+    assert finished and all(t["metrics"]["fid"] > 0 for t in finished)
     assert result.best_metrics["val_loss"] == min(t["metrics"]["val_loss"] for t in result.trials)
 
     c = client(result.tracking_uri)
@@ -41,14 +43,17 @@ def test_tune_sweep_with_nested_mlflow_runs(ray_session, tmp_path):
     assert parent.data.params["best.model.options.backbone"] in ("gpt2", "lstm")
     children = c.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert len(children) == 2
+    finished_runs = {t["metrics"]["mlflow_run_id"] for t in finished}
     for child in children:
         params = child.data.params
         assert params["model.family"] == "seqimg" and params["train.steps"] == "6"
         assert params["model.options.backbone"] in ("gpt2", "lstm")
+        assert {"val_loss", "loss", "lr"} <= set(child.data.metrics)
+        if child.info.run_id not in finished_runs:
+            continue
         assert float(params["train.optimizer.lr"]) == pytest.approx(
-            next(t["overrides"]["train.optimizer.lr"] for t in result.trials
-                 if t["metrics"]["mlflow_run_id"] == child.info.run_id))
-        assert {"val_loss", "fid", "kid", "loss"} <= set(child.data.metrics)
+            next(t["overrides"]["train.optimizer.lr"] for t in finished if t["metrics"]["mlflow_run_id"] == child.info.run_id))
+        assert {"fid", "kid"} <= set(child.data.metrics)
         assert child.data.tags["fid.extractor"].startswith("domain:")
         artifacts = {a.path for a in c.list_artifacts(child.info.run_id)}
         assert {"spec.yaml", "samples", "plots", "checkpoint", "model"} <= artifacts

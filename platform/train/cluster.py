@@ -48,7 +48,11 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, quiet
     else:
         cpus = num_cpus or os.cpu_count() or 2
         mem = min(2 * 1024**3, int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 0.1))
-        ray.init(address="local", num_cpus=cpus, object_store_memory=mem, include_dashboard=False,
+        # The dashboard's state API is what lets Ray Train release a worker
+        # group whose driver died (a Tune trial stopped early): without it
+        # those CPUs stay reserved and later trials wait forever.
+        ray.init(address="local", num_cpus=cpus, object_store_memory=mem, include_dashboard=True,
+                 dashboard_host="127.0.0.1",
                  log_to_driver=True, logging_level="ERROR")
     return ray.cluster_resources()
 

@@ -16,12 +16,15 @@ class EMA:
     def update(self, model: nn.Module, step: int) -> None:
         # Before start_step the EMA tracks the weights exactly, so early noise is not averaged in.
         decay = self.decay if step >= self.start_step else 0.0
-        params = dict(model.named_parameters())
-        for key, value in model.state_dict().items():
-            if key in params and value.is_floating_point():
-                self.shadow[key].mul_(decay).add_(value.detach().float(), alpha=1 - decay)
-            else:
-                self.shadow[key].copy_(value.detach())
+        names, values = [], []
+        for name, p in model.named_parameters(remove_duplicate=False):  # tied weights: every name
+            if p.is_floating_point():
+                names.append(name)
+                values.append(p.detach().float())
+        # shadow <- decay * shadow + (1 - decay) * param, for all parameters in one fused call
+        torch._foreach_lerp_([self.shadow[n] for n in names], values, 1.0 - decay)
+        for name, buf in model.named_buffers(remove_duplicate=False):  # e.g. batch-norm statistics: copied, not averaged
+            self.shadow[name].copy_(buf.detach())
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.shadow

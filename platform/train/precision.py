@@ -63,7 +63,3 @@ class DynamicLossScaler:
     def load_state_dict(self, state: dict) -> None:
         self.scale = float(state["scale"])
         self.good_steps = int(state["good_steps"])
-
-
-def grads_finite(params) -> bool:
-    return all(torch.isfinite(p.grad).all() for p in params if p.grad is not None)

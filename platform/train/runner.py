@@ -159,6 +159,8 @@ def run_training(spec: JobSpec, *, resume: bool = False, tracking_uri: str | Non
     except Exception as err:
         tracked.finish("FAILED")
         raise TrainingFailed(_root_cause(err)) from err
+    finally:
+        release_placement_group(run_dir)
     metrics = {k: float(v) for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
 
     checkpoint = find_latest_checkpoint(run_dir)
@@ -176,6 +178,32 @@ def run_training(spec: JobSpec, *, resume: bool = False, tracking_uri: str | Non
 
 class TrainingFailed(RuntimeError):
     pass
+
+
+def release_placement_group(run_dir: Path) -> None:
+    """Remove the worker group's placement group if it outlived the run.
+
+    Inside a Tune trial the trial actor can exit before Ray Train's
+    controller has released its workers' resources, and the fallback cleaner
+    needs the dashboard's state API: the CPUs then stay reserved and the next
+    trial waits forever on 2 cores."""
+    import ray
+    from ray.util.placement_group import PlacementGroup, placement_group_table
+
+    from raygen.train.worker import PLACEMENT_GROUP_FILE
+
+    marker = run_dir / PLACEMENT_GROUP_FILE
+    if not marker.is_file():
+        return
+    pg_hex = marker.read_text().strip()
+    marker.unlink()
+    deadline = time.time() + 10
+    while time.time() < deadline:  # give Ray Train the chance to release it itself
+        state = placement_group_table().get(pg_hex, {}).get("state")
+        if state in (None, "REMOVED"):
+            return
+        time.sleep(0.5)
+    ray.util.remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_hex))))
 
 
 def _root_cause(err: BaseException) -> str:

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 from raygen.models.base import Generator
-from raygen.train.precision import DynamicLossScaler, autocast, grads_finite
+from raygen.train.precision import DynamicLossScaler, autocast
 
 
 class StepModule(nn.Module):
@@ -126,11 +126,12 @@ class DDPStrategy(Strategy):
             self.scheduler.step()  # the schedule follows loop steps, skipped or not
             return StepResult(False, None, self.scaler.scale, lr)
         self.scaler.unscale_(self.params)
-        finite = all_ranks_true(grads_finite(self.params))
-        grad_norm = None
+        # One pass over the gradients: a NaN/inf anywhere makes the norm non-finite.
+        grads = [p.grad for p in self.params if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        finite = all_ranks_true(bool(torch.isfinite(norm)))
+        grad_norm = float(norm) if finite else None
         if finite:
-            grads = [p.grad for p in self.params if p.grad is not None]
-            grad_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))) if grads else 0.0
             before_update(self.params)  # hooks: clipping
             self.optimizer.step()
         self.scheduler.step()

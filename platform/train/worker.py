@@ -56,6 +56,18 @@ def _resume_folder(config: dict[str, Any], run_dir: Path) -> Path | None:
     return Path(config["resume_from"]) if config.get("resume_from") else None
 
 
+PLACEMENT_GROUP_FILE = ".ray_placement_group"
+
+
+def record_placement_group(run_dir: Path) -> None:
+    """Note the worker group's placement group, so the driver can make sure it
+    is released (see runner.release_placement_group)."""
+    import ray.util
+    pg = ray.util.get_current_placement_group()
+    if pg is not None:
+        (run_dir / PLACEMENT_GROUP_FILE).write_text(pg.id.hex())
+
+
 def train_worker(config: dict[str, Any]) -> None:
     import ray.train
     from ray.train import Checkpoint
@@ -101,6 +113,7 @@ def train_worker(config: dict[str, Any]) -> None:
     )
     if rank == 0:
         trainer.checkpoints.clean_stale()
+        record_placement_group(run_dir)
     resume = _resume_folder(config, run_dir)
     if resume is not None and rank == 0:
         print(f"[raygen] resuming from {resume}", flush=True)

@@ -29,7 +29,9 @@ def _scheduler(spec: JobSpec):
     from ray.tune.schedulers import (ASHAScheduler, FIFOScheduler, HyperBandScheduler, MedianStoppingRule,
                                      PopulationBasedTraining)
     s, t = spec.tune.scheduler, spec.tune
-    max_t = max(1, spec.train.steps // spec.train.eval_every)  # reports per trial
+    # reports per trial: one per eval, plus the final one with FID. A trial
+    # reaching max_t is stopped, so it must not cut the run's wrap-up short.
+    max_t = -(-spec.train.steps // spec.train.eval_every) + 1
     builders = {
         "asha": lambda: ASHAScheduler(time_attr="training_iteration", max_t=max_t, grace_period=min(s.grace_period, max_t),
                                       reduction_factor=s.reduction_factor),
