@@ -36,7 +36,7 @@ def test_quickstart_train_track_serve(ray_session, workdir, capsys):
     code = main(["train", str(REPO / "jobs/specs/quickstart.yaml"),
                  "--set", "data.count=2000", "--set", "train.steps=8", "--set", "train.eval_every=4",
                  "--set", "train.checkpoint_every=4", "--set", "train.val_batches=1",
-                 "--set", "track.fid.samples=64", "--set", "track.fid.fit_seconds=3",
+                 "--set", "track.fid.samples=64", "--set", "track.fid.fit_seconds=3", "--set", "track.fid.every=4",
                  "--set", "model.options.dim=32", "--set", "model.options.depth=1"])
     out = capsys.readouterr().out
     assert code == 0, out
@@ -56,6 +56,8 @@ def test_quickstart_train_track_serve(ray_session, workdir, capsys):
     for key in ("val_loss", "images_per_s", "lr", "grad_norm", "fid", "kid"):
         assert key in run.data.metrics, key
     assert run.data.metrics["fid"] > 0
+    fid_steps = [m.step for m in c.get_metric_history(run.info.run_id, "fid")]
+    assert 4 in fid_steps and 8 in fid_steps  # during training (every 4 steps) and at the end
     assert run.data.tags["fid.extractor"].startswith("domain:") and run.data.tags["fid.samples"] == "64"
     artifacts = {a.path for a in c.list_artifacts(run.info.run_id)}
     assert {"spec.yaml", "samples", "model", "plots", "checkpoint"} <= artifacts
