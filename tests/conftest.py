@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -40,7 +41,8 @@ def ray_session():
     yield ray
     ray.shutdown()
     if os.environ.get("CI") == "true":
-        subprocess.run(["ray", "stop", "--force"], capture_output=True, timeout=60)
+        ray_cli = Path(sys.executable).with_name("ray")  # the venv's, which may not be on PATH
+        subprocess.run([str(ray_cli) if ray_cli.exists() else "ray", "stop", "--force"], capture_output=True, timeout=60)
 
 
 @pytest.fixture

@@ -125,9 +125,10 @@ def test_killed_worker_recovers_from_last_checkpoint(ray_session, tmp_path, data
     result = outcome["result"]
     steps = [s for s, _ in history(result)]
     assert max(steps) == 400 and set(steps) == set(range(1, 401))  # every step logged, none lost
+    # the restart continued from a checkpoint committed before the kill, not from step 0
+    resumed = [int(v) for _, v in history(result, "resumed_from_step")]
+    assert resumed, "the worker was killed but the run never resumed: did Ray restart it?"
+    assert all(r >= 20 and r % 20 == 0 for r in resumed)
+    # only steps past that checkpoint may have been run (and logged) twice
     repeated = sorted({s for s in steps if steps.count(s) > 1})
-    assert repeated, "the worker was killed but no step was redone: did the run restart?"
-    # the restart began right after a checkpoint: only steps past the last checkpoint were redone
-    resumed_from = repeated[0] - 1
-    assert resumed_from >= 20 and resumed_from % 20 == 0
-    assert repeated == list(range(repeated[0], repeated[-1] + 1)) and repeated[-1] - resumed_from <= 400
+    assert all(s > resumed[0] for s in repeated)

@@ -96,6 +96,11 @@ class MetricsSinkHook(Hook):
         self.sink, self.every = sink, every
         self.buffer: list[tuple[int, dict[str, float]]] = []
 
+    def on_train_start(self, trainer):
+        if trainer.rank == 0 and trainer.start_step > 0:
+            # a resume (or a restart after a worker failure) leaves a mark in the run's history
+            self.sink.log_metrics({"resumed_from_step": float(trainer.start_step)}, trainer.start_step)
+
     def on_step_end(self, trainer, metrics):
         if trainer.rank != 0:
             return
