@@ -31,20 +31,12 @@ def evaluate_model(loaded, *, samples: int | None = None, extractor: str | None 
     out.update({"fid": fid["fid"], "kid": fid["kid"], "fid_samples": fid["n_generated"], "fid_extractor": fid["extractor"]})
     val = load_split_images(data_dir, "val", spec.data, limit=512)
     model = loaded.model
+    from raygen.train.validation import validation_metrics, validation_sums
+    bs = spec.data.batch_size
+    batches = ({k: v[i:i + bs] for k, v in val.items() if k in ("image", "label", "caption")}
+               for i in range(0, len(val["image"]), bs))
+    out.update(validation_metrics(validation_sums(model, batches)))
     with torch.no_grad():
-        bs = spec.data.batch_size
-        losses, bpds, count = 0.0, 0.0, 0
-        for i in range(0, len(val["image"]), bs):
-            batch = {k: v[i:i + bs] for k, v in val.items() if k in ("image", "label", "caption")}
-            k = batch["image"].shape[0]
-            losses += float(model.training_step(batch)["loss"]) * k
-            bpd = model.bits_per_dim(batch)
-            if bpd is not None:
-                bpds += float(bpd) * k
-            count += k
-        out["val_loss"] = losses / count
-        if bpds:
-            out["val_bits_per_dim"] = bpds / count
         if hasattr(model, "reconstruct"):
             from raygen.metrics import reconstruction_metrics
             recon = model.reconstruct(val["image"][:256])

@@ -248,25 +248,13 @@ class Trainer:
         metrics: dict[str, float] = {}
         self.eval_weights()  # every rank takes part in gathering the weights, before any rank-0 hook needs them
         if self.val_data is not None:
-            model = self.eval_model()
-            total, count = 0.0, 0
-            bpd_total = 0.0
-            for i, batch in enumerate(self.val_data.epoch(0)):
-                if i >= self.spec.train.val_batches:
-                    break
-                n = batch["image"].shape[0]
-                total += float(model.training_step(batch)["loss"]) * n
-                bpd = model.bits_per_dim(batch)
-                if bpd is not None:
-                    bpd_total += float(bpd) * n
-                count += n
-            sums = torch.tensor([total, bpd_total, float(count)], dtype=torch.float64)
+            from itertools import islice
+
+            from raygen.train.validation import validation_metrics, validation_sums
+            sums = validation_sums(self.eval_model(), islice(self.val_data.epoch(0), self.spec.train.val_batches))
             if dist.is_available() and dist.is_initialized():
                 dist.all_reduce(sums)
-            if sums[2] > 0:
-                metrics["val_loss"] = float(sums[0] / sums[2])
-                if sums[1] != 0:
-                    metrics["val_bits_per_dim"] = float(sums[1] / sums[2])
+            metrics.update(validation_metrics(sums))
         self._fire("on_eval", metrics)
         return metrics
 
