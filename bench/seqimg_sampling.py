@@ -30,15 +30,43 @@ TRANSFORMERS = ("gpt2", "alibi", "modern")
 TARGET = 5.0  # the speed-up the transformers' KV cache should reach at least
 
 
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
 def _timed(model, n: int, seed: int, use_cache: bool) -> tuple[float, torch.Tensor]:
+    device = model.embed.weight.device
+    _sync(device)
     start = time.perf_counter()
     images = model.sample(n, generator=torch.Generator().manual_seed(seed), use_cache=use_cache)
+    _sync(device)
     return time.perf_counter() - start, images
 
 
-def compare(model, n: int, repeats: int) -> tuple[float, float, torch.Tensor, torch.Tensor]:
-    """Best-of-`repeats` images/s of both paths; cached and uncached calls are
-    interleaved so both see the same machine load (the machine is shared)."""
+@torch.no_grad()
+def backbone_seconds(model, n: int, use_cache: bool) -> float:
+    """The backbone's own share of sampling: hidden states for every patch
+    position of n images, one step per position with the cache, or a re-run
+    of the prefix per position without it (no head, no sampler)."""
+    backbone, device = model.backbone, model.embed.weight.device
+    tokens = torch.randn(n, model.seq_len, model.config.dim, generator=torch.Generator().manual_seed(0)).to(device)
+    _sync(device)
+    start = time.perf_counter()
+    state = None
+    for t in range(model.seq_len):
+        if use_cache:
+            h, state = backbone.step(tokens[:, t], state)
+        else:
+            h = backbone(tokens[:, :t + 1])[:, -1]
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def compare(model, n: int, repeats: int) -> tuple[float, float, torch.Tensor, torch.Tensor, float]:
+    """Best-of-`repeats` images/s of both paths (cached and uncached calls are
+    interleaved so both see the same machine load), their images, and the
+    speed-up of the backbone alone."""
     model.sample(2, use_cache=True)  # warm-up
     model.sample(2, use_cache=False)
     best = {True: float("inf"), False: float("inf")}
@@ -50,7 +78,8 @@ def compare(model, n: int, repeats: int) -> tuple[float, float, torch.Tensor, to
                 a = images
             else:
                 b = images
-    return n / best[True], n / best[False], a, b
+    backbone = {c: min(backbone_seconds(model, n, c) for _ in range(repeats)) for c in (True, False)}
+    return n / best[True], n / best[False], a, b, backbone[False] / backbone[True]
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -79,7 +108,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"seqimg sampling, {args.resolution}x{args.resolution}x{args.channels}, dim {args.dim}, depth {args.depth}, "
           f"{args.n} images per call, device {args.device}, {torch.get_num_threads()} threads")
     print(f"{'head':<13} {'backbone':<9} {'mode':<10} {'tokens':>6} {'cached img/s':>13} {'uncached img/s':>15} "
-          f"{'ratio':>7}  {'max |diff|':>10} {'8-bit flips':>11}")
+          f"{'ratio':>7} {'backbone':>9}  {'max |diff|':>10} {'8-bit flips':>11}")
     rows = []
     for head, mode, backbone in itertools.product(args.head, args.modes, args.backbones):
         torch.manual_seed(0)
@@ -87,14 +116,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
                            heads=args.attn_heads,
                            patch_size=args.patch_size if mode == "square" else 1)
         model = build_seqimg(cfg, info).to(args.device).eval()
-        cached, uncached, a, b = compare(model, args.n, args.repeats)
+        cached, uncached, a, b, backbone_ratio = compare(model, args.n, args.repeats)
         diff = (a - b).abs().max().item()
         flips = int(((a * 255).round() != (b * 255).round()).sum())
         ratio = cached / uncached
         rows.append(dict(head=head, backbone=backbone, mode=mode, tokens=model.seq_len, cached=cached, uncached=uncached,
-                         ratio=ratio, max_abs_diff=diff, flipped_8bit_values=flips))
+                         ratio=ratio, backbone_ratio=backbone_ratio, max_abs_diff=diff, flipped_8bit_values=flips))
         flag = "  (below target)" if backbone in TRANSFORMERS and ratio < TARGET else ""
-        print(f"{head:<13} {backbone:<9} {mode:<10} {model.seq_len:>6} {cached:>13.1f} {uncached:>15.1f} {ratio:>6.1f}x  "
+        print(f"{head:<13} {backbone:<9} {mode:<10} {model.seq_len:>6} {cached:>13.1f} {uncached:>15.1f} {ratio:>6.1f}x {backbone_ratio:>8.1f}x  "
               f"{diff:>10.1e} {flips:>11}{flag}", flush=True)
     if args.json:
         with open(args.json, "w") as f:

@@ -242,3 +242,22 @@ def test_checkpoint_pickles_load_with_weights_only(tmp_path):
     ckpt = find_latest_checkpoint(tmp_path)
     for f in ("optimizer.pt", "rng-0.pt"):
         torch.load(ckpt / f, weights_only=True)  # raises if anything but tensors and plain data is inside
+
+
+def test_collectives_use_cuda_tensors_under_a_plain_nccl_group(monkeypatch):
+    """Ray Train starts a plain NCCL group for GPU workers, and NCCL refuses CPU
+    tensors ("No backend type associated with device type cpu", seen on an
+    H200): the engine's own collectives must put their tensors on the GPU."""
+    import torch.distributed as dist
+
+    from raygen.train.strategy import collective_device
+
+    assert collective_device() == torch.device("cpu")  # no group: stays on the CPU
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "gloo")
+    assert collective_device() == torch.device("cpu")
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "cpu:gloo,cuda:nccl")
+    assert collective_device() == torch.device("cpu")
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert collective_device() == torch.device("cuda", 0)

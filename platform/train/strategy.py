@@ -42,11 +42,20 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+def collective_device() -> torch.device:
+    """Where a tensor handed to a collective must live. A plain NCCL process
+    group (what Ray Train starts for GPU workers) moves CUDA tensors only; gloo
+    and mixed "cpu:gloo,cuda:nccl" groups take CPU tensors."""
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_ranks_true(flag: bool) -> bool:
     """True only when `flag` holds on every rank (one tiny all-reduce)."""
     if not (dist.is_available() and dist.is_initialized()):
         return flag
-    t = torch.tensor([0.0 if flag else 1.0])
+    t = torch.tensor([0.0 if flag else 1.0], device=collective_device())
     dist.all_reduce(t)
     return t.item() == 0.0
 

@@ -22,7 +22,7 @@ from raygen.models.base import DataInfo, Generator
 from raygen.spec.schema import JobSpec
 from raygen.train.checkpoint import CheckpointManager, capture_rng, load_torch, restore_rng, save_torch
 from raygen.train.hooks import Hook
-from raygen.train.strategy import Strategy, all_ranks_true, barrier
+from raygen.train.strategy import Strategy, all_ranks_true, barrier, collective_device
 
 
 class BatchSource(Protocol):
@@ -58,8 +58,10 @@ def memory_per_worker(device: torch.device) -> dict[str, float]:
     mine = [_rss_mb(), torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0]
     local = torch.tensor(mine, dtype=torch.float64)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        local = local.to(collective_device())
         parts = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
         dist.all_gather(parts, local)
+        parts = [p.cpu() for p in parts]
     else:
         parts = [local]
     out = {f"mem_rss_mb_rank{r}": float(p[0]) for r, p in enumerate(parts)}
@@ -251,9 +253,13 @@ class Trainer:
             from itertools import islice
 
             from raygen.train.validation import validation_metrics, validation_sums
-            sums = validation_sums(self.eval_model(), islice(self.val_data.epoch(0), self.spec.train.val_batches))
+            # on the training device: a float32 copy, so GPU runs do not validate on the CPU
+            model = self.eval_model().to(self.strategy.device)
+            sums = validation_sums(model, islice(self.val_data.epoch(0), self.spec.train.val_batches))
             if dist.is_available() and dist.is_initialized():
+                sums = sums.to(collective_device())
                 dist.all_reduce(sums)
+                sums = sums.cpu()
             metrics.update(validation_metrics(sums))
         self._fire("on_eval", metrics)
         return metrics

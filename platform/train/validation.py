@@ -10,7 +10,10 @@ import torch
 def validation_sums(model, batches: Iterable[dict[str, Any]]) -> torch.Tensor:
     """[Σ loss·n, Σ bits/dim·n, Σ n] over the batches: sums, so workers can all-reduce them."""
     loss, bpd_total, count = 0.0, 0.0, 0
+    first = next(iter(model.parameters()), None)
+    device = first.device if first is not None else torch.device("cpu")
     for batch in batches:
+        batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
         n = batch["image"].shape[0]
         loss += float(model.training_step(batch)["loss"]) * n
         bpd = model.bits_per_dim(batch)
