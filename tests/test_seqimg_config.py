@@ -142,3 +142,16 @@ def test_compare_spec_is_a_valid_grid_over_backbones_and_modes():
         trial = parse_spec(apply_overrides(raw, {"model.options.backbone": backbone, "model.options.patch_mode": mode}))
         model = build_model("seqimg", trial.model.config, info)
         assert model.seq_len == 16
+
+
+def test_clip_effect_spec_is_the_compare_grid_without_clipping():
+    """Each no-clip trial must differ from its seqimg_compare twin only by clipping."""
+    base, noclip = (read_spec_file(REPO / f"jobs/specs/{name}.yaml") for name in ("seqimg_compare", "seqimg_clip_effect"))
+    assert noclip["train"]["clip"] == {"norm": None} and base["train"]["clip"] == {"norm": 1.0}
+    for key in ("data", "scale", "track"):
+        assert noclip[key] == base[key], key
+    assert {k: v for k, v in noclip["train"].items() if k != "clip"} == {k: v for k, v in base["train"].items() if k != "clip"}
+    assert noclip["model"] == base["model"]
+    space = load_spec(REPO / "jobs/specs/seqimg_clip_effect.yaml").tune.space
+    assert set(space["model.options.backbone"]["grid"]) <= set(BACKBONES)
+    assert space["model.options.patch_mode"]["grid"] == base["tune"]["space"]["model.options.patch_mode"]["grid"]
