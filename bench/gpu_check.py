@@ -94,7 +94,7 @@ def train_case(args, name, strategy, precision, zero, offload, train, val, info,
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    val_metrics = trainer.evaluate() if hasattr(trainer, "evaluate") else {}
+    val_metrics = trainer.evaluate()
     losses = trainer.step_losses
     finite = [x for x in losses if math.isfinite(x)]
     head, tail = finite[:20], finite[-20:]
