@@ -166,3 +166,26 @@ def test_rgb_square_patches_round_trip_through_sampling():
     model = build_seqimg(SeqImgConfig.debug(backbone="alibi", patch_mode="square", patch_size=4), info)
     assert model.seq_len == 4 and model.geometry.patch_dim == 48
     assert model.sample(2).shape == (2, 3, 8, 8)
+
+
+@pytest.mark.parametrize("backbone", sorted(BACKBONES))
+def test_ema_tracks_every_backbone(backbone):
+    """EMA is on by default: it must handle backbones that keep non-persistent
+    buffers (mlp's causal mask, gnn's edge index, modern's rotary frequencies,
+    alibi's slopes), which are not part of the state_dict it averages."""
+    from raygen.train.ema import EMA
+
+    torch.manual_seed(0)
+    model = build_seqimg(SeqImgConfig.debug(backbone=backbone), DataInfo(channels=1, resolution=8))
+    ema = EMA(model, decay=0.5)
+    before = {k: v.clone() for k, v in ema.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update(model, step=1)
+    assert set(ema.state_dict()) == set(model.state_dict())
+    for name, p in model.named_parameters():
+        assert torch.allclose(ema.state_dict()[name], before[name] + 0.5), name  # halfway to the moved weights
+    fresh = build_seqimg(SeqImgConfig.debug(backbone=backbone), DataInfo(channels=1, resolution=8))
+    ema.copy_to(fresh)
+    fresh.sample(2, generator=torch.Generator().manual_seed(0))

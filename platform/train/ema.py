@@ -24,7 +24,10 @@ class EMA:
         # shadow <- decay * shadow + (1 - decay) * param, for all parameters in one fused call
         torch._foreach_lerp_([self.shadow[n] for n in names], values, 1.0 - decay)
         for name, buf in model.named_buffers(remove_duplicate=False):  # e.g. batch-norm statistics: copied, not averaged
-            self.shadow[name].copy_(buf.detach())
+            # non-persistent buffers (causal masks, rotary frequencies, ALiBi
+            # slopes) are rebuilt by the model and are not in its state_dict
+            if name in self.shadow:
+                self.shadow[name].copy_(buf.detach())
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.shadow
