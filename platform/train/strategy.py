@@ -51,6 +51,11 @@ def collective_device() -> torch.device:
     return torch.device("cpu")
 
 
+def batch_to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """A batch with its tensors moved to `device` (captions and other lists stay)."""
+    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
 def all_ranks_true(flag: bool) -> bool:
     """True only when `flag` holds on every rank (one tiny all-reduce)."""
     if not (dist.is_available() and dist.is_initialized()):

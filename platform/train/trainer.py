@@ -22,7 +22,7 @@ from raygen.models.base import DataInfo, Generator
 from raygen.spec.schema import JobSpec
 from raygen.train.checkpoint import CheckpointManager, capture_rng, load_torch, restore_rng, save_torch
 from raygen.train.hooks import Hook
-from raygen.train.strategy import Strategy, all_ranks_true, barrier, collective_device
+from raygen.train.strategy import Strategy, all_ranks_true, barrier, batch_to_device, collective_device
 
 
 class BatchSource(Protocol):
@@ -164,7 +164,7 @@ class Trainer:
                 batch = next(stream)
                 data_wait += time.perf_counter() - tw
                 images += batch["image"].shape[0]
-                batch = {k: (v.to(self.strategy.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+                batch = batch_to_device(batch, self.strategy.device)
                 out = self.strategy.forward(batch)
                 loss = out["loss"]
                 last = micro == accum - 1

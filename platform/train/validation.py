@@ -5,6 +5,8 @@ from typing import Any, Iterable
 
 import torch
 
+from raygen.train.strategy import batch_to_device
+
 
 @torch.no_grad()
 def validation_sums(model, batches: Iterable[dict[str, Any]]) -> torch.Tensor:
@@ -13,7 +15,7 @@ def validation_sums(model, batches: Iterable[dict[str, Any]]) -> torch.Tensor:
     first = next(iter(model.parameters()), None)
     device = first.device if first is not None else torch.device("cpu")
     for batch in batches:
-        batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+        batch = batch_to_device(batch, device)
         n = batch["image"].shape[0]
         loss += float(model.training_step(batch)["loss"]) * n
         bpd = model.bits_per_dim(batch)
