@@ -92,6 +92,15 @@ def bench_ray_epoch(dir: Path, spec, world_size: int, epoch: int) -> float:
     return sum(counts) / (time.perf_counter() - t0)
 
 
+def make_work_dir() -> Path:
+    """The prepared copy and Ray's session files go under RAY_TMPDIR (where
+    the caller wants Ray's files), else TMPDIR, else /tmp."""
+    base = os.environ.get("RAY_TMPDIR")
+    if base:
+        Path(base).mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix="rg-bench-", dir=base or None))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dataset", default="fashion-mnist")
@@ -103,7 +112,7 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--cpus", type=int, default=2, help="CPUs for Ray and DataLoader workers alike")
     args = p.parse_args(argv)
-    work = Path(tempfile.mkdtemp(prefix="rg-bench-"))
+    work = make_work_dir()
     try:
         return run(args, work)
     finally:

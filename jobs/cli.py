@@ -30,13 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raygen", description="Train, tune, track and serve image generators on Ray.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as err:
-            if err.name == name:  # command not built yet
-                continue
-            raise
-        module.register(sub)
+        importlib.import_module(name).register(sub)
     return parser
 
 
@@ -53,18 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from raygen.data.errors import DataError
+    from raygen.exports import ModelLoadError
     from raygen.spec.errors import SpecError
-    known = (UserError, SpecError)
-    try:
-        from raygen.data.errors import DataError
-        known += (DataError,)
-    except ImportError:
-        pass
-    try:
-        from raygen.models.io import ModelLoadError
-        known += (ModelLoadError,)
-    except ImportError:
-        pass
+    known = (UserError, SpecError, DataError, ModelLoadError)
     try:
         return int(args.func(args) or 0)
     except known as err:

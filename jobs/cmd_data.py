@@ -27,8 +27,9 @@ def register(sub) -> None:
     pr.set_defaults(func=prepare)
 
     sh = s.add_parser("show", help="print a prepared dataset's counts, classes and captions; optionally a grid PNG")
-    sh.add_argument("dir", metavar="DIR")
-    sh.add_argument("--grid", metavar="PATH", help="write a PNG grid of training samples here")
+    sh.add_argument("dir", metavar="DIR", nargs="+", help="prepared dataset folder(s), e.g. runs/data/fashion-mnist-*")
+    sh.add_argument("--grid", metavar="PATH", help="write a PNG grid of training samples here "
+                                                   "(with several DIRs: PATH's name plus each folder's name)")
     sh.add_argument("--samples", type=int, default=64, help="images in the grid (default 64)")
     sh.add_argument("--verify", action="store_true", help="check every shard's sha256 against the manifest")
     sh.set_defaults(func=show)
@@ -65,12 +66,20 @@ def prepare(args: argparse.Namespace) -> int:
 
 
 def show(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from raygen.data.inspect import summarize, write_grid
-    for line in summarize(args.dir, verify=args.verify):
-        print(line)
-    if args.grid:
-        n = write_grid(args.dir, args.grid, n=args.samples)
-        print(f"grid: wrote {n} training images to {args.grid}")
+    for i, folder in enumerate(args.dir):
+        if len(args.dir) > 1:
+            print(("\n" if i else "") + f"== {folder}")
+        for line in summarize(folder, verify=args.verify):
+            print(line)
+        if args.grid:
+            grid = Path(args.grid)
+            if len(args.dir) > 1:  # a glob that matched several datasets: one grid each
+                grid = grid.with_name(f"{grid.stem}-{Path(folder).name}{grid.suffix or '.png'}")
+            n = write_grid(folder, grid, n=args.samples)
+            print(f"grid: wrote {n} training images to {grid}")
     return 0
 
 

@@ -16,45 +16,55 @@ def register(sub) -> None:
 
 
 def evaluate_model(loaded, *, samples: int | None = None, extractor: str | None = None) -> dict[str, float | str]:
+    """Every metric the model's capabilities allow: FID/KID (sample), val loss and
+    bits/dim (train), reconstruction error (reconstruct). A model with none of
+    them gets the one-line capability error."""
     import torch
 
-    from raygen.data import WorkerBatches, ensure_dataset, load_split_images
+    from raygen.data import ensure_dataset, load_split_images
+    from raygen.models import Capability, has, require
+    from raygen.train.validation import validation_metrics, validation_sums
     from raygen.train.wrapup import compute_run_fid
 
+    model = loaded.model
+    if not any(has(model, c) for c in (Capability.SAMPLE, Capability.TRAIN, Capability.RECONSTRUCT)):
+        require(model, Capability.SAMPLE)  # raises, naming the families that can be evaluated
     spec = loaded.spec
     if extractor:
         spec = spec.model_copy(update={"track": spec.track.model_copy(update={"fid": spec.track.fid.model_copy(update={"extractor": extractor})})})
     data_dir = ensure_dataset(spec.data)
-    n = samples or spec.track.fid.samples
     out: dict[str, float | str] = {}
-    fid = compute_run_fid(spec, loaded.model, data_dir, n)
-    out.update({"fid": fid["fid"], "kid": fid["kid"], "fid_samples": fid["n_generated"], "fid_extractor": fid["extractor"]})
+    if has(model, Capability.SAMPLE):
+        fid = compute_run_fid(spec, model, data_dir, samples or spec.track.fid.samples)
+        out.update({"fid": fid["fid"], "kid": fid["kid"], "fid_samples": fid["n_generated"], "fid_extractor": fid["extractor"]})
+        if "fid_floor" in fid:
+            out["fid_floor"] = fid["fid_floor"]
     val = load_split_images(data_dir, "val", spec.data, limit=512)
-    model = loaded.model
-    from raygen.train.validation import validation_metrics, validation_sums
-    bs = spec.data.batch_size
-    batches = ({k: v[i:i + bs] for k, v in val.items() if k in ("image", "label", "caption")}
-               for i in range(0, len(val["image"]), bs))
-    out.update(validation_metrics(validation_sums(model, batches)))
-    with torch.no_grad():
-        if hasattr(model, "reconstruct"):
-            from raygen.metrics import reconstruction_metrics
+    if has(model, Capability.TRAIN):
+        bs = spec.data.batch_size
+        columns = [k for k, v in val.items() if k not in ("index", "corrupt_count")]
+        batches = ({k: val[k][i:i + bs] for k in columns} for i in range(0, len(val["image"]), bs))
+        out.update(validation_metrics(validation_sums(model, batches)))
+    if has(model, Capability.RECONSTRUCT):
+        from raygen.metrics import reconstruction_metrics
+        with torch.no_grad():
             recon = model.reconstruct(val["image"][:256])
-            out.update({f"recon_{k}": v for k, v in reconstruction_metrics(recon, val["image"][:256]).items()})
+        out.update({f"recon_{k}": v for k, v in reconstruction_metrics(recon, val["image"][:256]).items()})
     return out
 
 
 def run(args) -> int:
     from raygen.jobs.cli import UserError
     from raygen.metrics.errors import MetricsError
-    from raygen.models.io import load_generator
+    from raygen.models import CapabilityError
+    from raygen.exports import load_generator
 
     if args.samples is not None and args.samples < 2:
         raise UserError(f"--samples {args.samples}: FID/KID need at least 2 samples")
     loaded = load_generator(args.model, args.tracking_uri)
     try:
         results = evaluate_model(loaded, samples=args.samples, extractor=args.extractor)
-    except MetricsError as err:  # e.g. missing Inception weights: the message says what to do
+    except (MetricsError, CapabilityError) as err:  # e.g. missing Inception weights: the message says what to do
         raise UserError(str(err)) from None
     for k, v in results.items():
         print(f"{k:>20}: {v:.5g}" if isinstance(v, float) else f"{k:>20}: {v}")
@@ -69,6 +79,7 @@ def run(args) -> int:
         run = TrackingRun(tracking_uri, run_id, "")
         run.log_metrics({f"eval_{k}": float(v) for k, v in results.items() if isinstance(v, (int, float))},
                         step=int(loaded.meta.get("step", 0)))
-        run.set_tags({"eval.fid_extractor": results["fid_extractor"]})
+        if "fid_extractor" in results:
+            run.set_tags({"eval.fid_extractor": results["fid_extractor"]})
         print(f"logged to MLflow run {run_id}")
     return 0

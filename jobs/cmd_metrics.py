@@ -1,8 +1,26 @@
 """`raygen metrics fit-features|fid|clip-score`: evaluation outside training."""
 from __future__ import annotations
 
+import argparse
 import json
 import sys
+
+
+
+class _Gone(argparse.Action):
+    """An option that was replaced: fail naming the replacement instead of 'unrecognized arguments'."""
+
+    def __init__(self, option_strings, dest, replacement: str, **kwargs):
+        self.replacement = replacement
+        super().__init__(option_strings, dest, help=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} was replaced by {self.replacement}: the domain feature net is fit by a "
+                     f"fixed step count (never a time budget), so every machine trains the same net")
+
+
+def _gone(parser, option: str, replacement: str) -> None:
+    parser.add_argument(option, action=_Gone, replacement=replacement, dest=f"_gone{option.replace('-', '_')}")
 
 
 def register(sub) -> None:
@@ -13,12 +31,16 @@ def register(sub) -> None:
     f.add_argument("dataset_dir", metavar="DATASET_DIR", help="a prepared dataset folder (raygen data prepare)")
     f.add_argument("--out", required=True, metavar="PATH", help="folder to write (weights.safetensors + config.json)")
     f.add_argument("--split", default="train")
-    f.add_argument("--count", type=int, default=None, help="use at most this many images")
-    f.add_argument("--max-seconds", type=float, default=30.0, help="training time bound (default 30)")
-    f.add_argument("--max-steps", type=int, default=3000)
+    f.add_argument("--count", type=int, default=None,
+                   help="use the first N images (default: as many as training fits on, so with --split train "
+                        "the net matches the one training uses)")
+    f.add_argument("--steps", type=int, default=None, help="optimizer steps (default: track.fid.fit_steps's default)")
     f.add_argument("--no-labels", action="store_true", help="ignore labels: self-supervised (contrastive) objective")
     f.add_argument("--seed", type=int, default=0)
-    f.add_argument("--threads", type=int, default=None, help="torch CPU threads while training (default: torch's)")
+    f.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads while training (default 1; part of the net's id, since it changes the bits)")
+    _gone(f, "--max-seconds", "--steps")
+    _gone(f, "--max-steps", "--steps")
     f.set_defaults(func=fit_features)
 
     d = s.add_parser("fid", help="FID and KID of a folder of generated images against a dataset")
@@ -29,8 +51,10 @@ def register(sub) -> None:
     d.add_argument("--split", default="train", help="dataset split used as reference (default train)")
     d.add_argument("--reference-count", type=int, default=None, help="use at most this many reference images")
     d.add_argument("--cache-dir", default="runs/metrics-cache", help="feature nets and reference statistics cache")
-    d.add_argument("--fit-seconds", type=float, default=30.0,
-                   help="with --extractor domain: time bound for training the feature net the first time")
+    d.add_argument("--fit-steps", type=int, default=None,
+                   help="with --extractor domain: optimizer steps when the net is fit the first time (default: "
+                        "track.fid.fit_steps's default; another value is another net, with another id)")
+    _gone(d, "--fit-seconds", "--fit-steps")
     d.add_argument("--device", default="cpu")
     d.add_argument("--kid-subsets", type=int, default=100)
     d.add_argument("--kid-subset-size", type=int, default=1000)
@@ -58,17 +82,15 @@ def _user_errors(fn):
 
 @_user_errors
 def fit_features(args) -> int:
-    from raygen.metrics.domain import fit_domain_features
+    from raygen.metrics.domain import FIT_IMAGES, fit_domain_features
     from raygen.metrics.imageio import load_dataset_images
-    from raygen.metrics.reference import dataset_checksum
 
-    images, labels, _ = load_dataset_images(args.dataset_dir, args.split, count=args.count)
+    images, labels, _ = load_dataset_images(args.dataset_dir, args.split, count=args.count or FIT_IMAGES)
     if args.no_labels:
         labels = None
     log = None if not sys.stderr.isatty() else (lambda m: print(m, file=sys.stderr))
-    ext = fit_domain_features(images, labels, out=args.out, max_seconds=args.max_seconds, max_steps=args.max_steps,
-                              seed=args.seed, num_threads=args.threads,
-                              dataset_checksum=dataset_checksum(images, labels), log=log)
+    steps = {"steps": args.steps} if args.steps is not None else {}
+    ext = fit_domain_features(images, labels, out=args.out, seed=args.seed, threads=args.threads, log=log, **steps)
     t = ext.training
     extra = f", train accuracy {t['train_accuracy']:.3f}" if "train_accuracy" in t else ""
     print(f"wrote {ext.path} ({ext.name}; {t['objective']}, {t['steps']} steps in {t['seconds']:.1f}s{extra})")
@@ -82,10 +104,11 @@ def fid(args) -> int:
     from raygen.metrics.imageio import load_dataset_images, read_image_folder
     from raygen.metrics.reference import dataset_checksum
 
-    ref, labels, _ = load_dataset_images(args.reference, args.split)
+    ref, _, _ = load_dataset_images(args.reference, args.split)
     gen = read_image_folder(args.generated, channels=ref.shape[1])
-    fit = {"max_seconds": args.fit_seconds} if args.extractor == "domain" else {}
-    ext = get_dataset_extractor(args.extractor, args.reference, ref, labels, args.cache_dir, device=args.device, **fit)
+    # the domain net is fit on the dataset's own fit images (not on --split): the net training uses
+    fit = {"steps": args.fit_steps} if args.extractor == "domain" and args.fit_steps is not None else {}
+    ext = get_dataset_extractor(args.extractor, args.reference, cache_dir=args.cache_dir, device=args.device, **fit)
     result = compute_fid(gen, ref, ext, reference_count=args.reference_count, cache_dir=args.cache_dir,
                          reference_checksum=dataset_checksum(ref), kid_subsets=args.kid_subsets,
                          kid_subset_size=args.kid_subset_size)

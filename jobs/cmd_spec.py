@@ -9,7 +9,8 @@ import yaml
 def register(sub) -> None:
     p = sub.add_parser("spec", help="validate, show or describe job specs")
     s = p.add_subparsers(dest="spec_command", metavar="ACTION", required=True)
-    v = s.add_parser("validate", help="check a spec file; exit 2 with the problems if it is invalid")
+    v = s.add_parser("validate", help="check a spec file as `raygen train` and `raygen tune` would; "
+                                      "exit 2 with the problems if they would reject it")
     v.add_argument("file")
     v.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override")
     v.set_defaults(func=validate)
@@ -23,8 +24,11 @@ def register(sub) -> None:
 
 def validate(args) -> int:
     from raygen.spec import load_spec
+    from raygen.spec.checks import check_runnable
     spec = load_spec(args.file, args.set)
-    print(f"{args.file}: ok ({spec.model.family} model, {spec.scale.workers} worker(s), {spec.scale.strategy})")
+    check_runnable(spec, tune=None)  # the checks train and tune make before they start
+    sweep = f", tune.space of {len(spec.tune.space)} key(s)" if spec.tune.space else ""
+    print(f"{args.file}: ok ({spec.model.family} model, {spec.scale.workers} worker(s), {spec.scale.strategy}{sweep})")
     return 0
 
 
@@ -36,6 +40,6 @@ def show(args) -> int:
 
 
 def schema(args) -> int:
-    from raygen.spec import JobSpec
-    print(json.dumps(JobSpec.model_json_schema(), indent=2))
+    from raygen.spec.json_schema import job_spec_json_schema
+    print(json.dumps(job_spec_json_schema(), indent=2))
     return 0

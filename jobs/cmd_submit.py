@@ -1,8 +1,22 @@
-"""`raygen submit`: run a job on a remote Ray cluster through the Ray Jobs API."""
+"""`raygen submit`: run a job on a remote Ray cluster through the Ray Jobs API.
+
+The cluster's dashboard address comes from `--address`, else RAY_ADDRESS,
+else the address the job (or, for `run`, the last job) was submitted to:
+`submit run` remembers it in ~/.raygen/submit.json.
+"""
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import shlex
 import time
+from pathlib import Path
+
+ADDRESS_HELP = ("Ray dashboard address, e.g. http://HEAD:8265 (default: RAY_ADDRESS, else the address "
+                "remembered from `raygen submit run`)")
+_ENV = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")  # what Ray's own job client reads, in its order
+_REMEMBERED_JOBS = 200
 
 
 def register(sub) -> None:
@@ -10,7 +24,7 @@ def register(sub) -> None:
     s = p.add_subparsers(dest="submit_command", metavar="ACTION", required=True)
     run = s.add_parser("run", help="submit a job (the current folder is uploaded as its working dir)")
     run.add_argument("spec")
-    run.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://HEAD:8265")
+    run.add_argument("--address", help=ADDRESS_HELP)
     run.add_argument("--kind", choices=["train", "tune"], default="train")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     run.add_argument("--follow", action="store_true", help="stream logs until the job ends")
@@ -19,7 +33,7 @@ def register(sub) -> None:
                             ("stop", stop, "stop a job")):
         q = s.add_parser(name, help=help_)
         q.add_argument("job_id")
-        q.add_argument("--address", required=True)
+        q.add_argument("--address", help=ADDRESS_HELP)
         if name == "logs":
             q.add_argument("--follow", action="store_true")
         q.set_defaults(func=fn)
@@ -39,16 +53,77 @@ def _first_line(err: BaseException) -> str:
     return lines[0] if lines else type(err).__name__
 
 
-def _client(address: str):
+def state_file() -> Path:
+    return Path.home() / ".raygen" / "submit.json"
+
+
+def _read_state() -> dict:
+    try:
+        state = json.loads(state_file().read_text())
+    except (OSError, ValueError):
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
+def remember(job_id: str, address: str) -> None:
+    """Keep the address a job went to, so status/logs/stop need no --address."""
+    state = _read_state()
+    jobs = {k: v for k, v in (state.get("jobs") or {}).items() if k != job_id}
+    jobs[job_id] = address
+    state = {"last_address": address, "jobs": dict(list(jobs.items())[-_REMEMBERED_JOBS:])}
+    path = state_file()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(state, indent=2))
+        os.replace(tmp, path)
+    except OSError:  # a read-only home only costs the convenience
+        pass
+
+
+def resolve_address(given: str | None, job_id: str | None = None) -> tuple[str, str]:
+    """(address, where it came from): --address, RAY_ADDRESS, the job's remembered one, the last one."""
+    from raygen.jobs.cli import UserError
+    if given:
+        return given, "--address"
+    for var in _ENV:
+        if os.environ.get(var):
+            return os.environ[var], var
+    state = _read_state()
+    if job_id and job_id in (state.get("jobs") or {}):
+        return state["jobs"][job_id], f"where {job_id} was submitted ({state_file()})"
+    if state.get("last_address"):
+        return state["last_address"], f"the last `raygen submit run` ({state_file()})"
+    raise UserError("no Ray cluster address: pass --address http://HEAD:8265 or set RAY_ADDRESS "
+                    "(`raygen submit run` remembers the address it used)")
+
+
+@contextlib.contextmanager
+def _without_address_env():
+    # Ray's client lets RAY_ADDRESS override the address it is given; ours is already resolved.
+    saved = {var: os.environ.pop(var) for var in _ENV if var in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
+def _client(address: str, source: str = "--address"):
     from ray.job_submission import JobSubmissionClient
 
     from raygen.jobs.cli import UserError
     url = _dashboard_url(address)
     try:
-        return JobSubmissionClient(url)
+        with _without_address_env():
+            return JobSubmissionClient(url)
     except Exception as err:
-        raise UserError(f"cannot reach the Ray cluster at {url} ({_first_line(err)}); "
+        origin = "" if source == "--address" else f" (from {source})"
+        raise UserError(f"cannot reach the Ray cluster at {url}{origin} ({_first_line(err)}); "
                         "check the dashboard address (http://HEAD:8265) and that the cluster is up (`ray up cluster.yaml`)") from None
+
+
+def _job_client(args):
+    return _client(*resolve_address(args.address, args.job_id))
 
 
 def _call(what: str, fn, *args, **kwargs):
@@ -64,26 +139,28 @@ def submit(args) -> int:
     from raygen.spec import load_spec
     load_spec(args.spec, args.set)  # fail here, not on the cluster
     entry = " ".join(["raygen", args.kind, shlex.quote(args.spec)] + [f"--set {shlex.quote(s)}" for s in args.set])
-    client = _client(args.address)
+    address, source = resolve_address(args.address)
+    client = _client(address, source)
     job_id = _call("submitting the job", client.submit_job, entrypoint=entry,
                    runtime_env={"working_dir": ".", "excludes": ["runs/", ".venv/", ".git/"]})
-    print(f"submitted {job_id}: {entry}")
-    print(f"  status: raygen submit status {job_id} --address {args.address}")
-    print(f"  logs:   raygen submit logs {job_id} --address {args.address} --follow")
+    remember(job_id, address)
+    print(f"submitted {job_id} to {_dashboard_url(address)}: {entry}")
+    print(f"  status: raygen submit status {job_id}")
+    print(f"  logs:   raygen submit logs {job_id} --follow")
     if args.follow:
-        args.job_id = job_id
+        args.job_id, args.address = job_id, address
         return logs(args)
     return 0
 
 
 def status(args) -> int:
-    info = _call(f"status of {args.job_id}", _client(args.address).get_job_info, args.job_id)
+    info = _call(f"status of {args.job_id}", _job_client(args).get_job_info, args.job_id)
     print(f"{args.job_id}: {info.status}" + (f" ({info.message})" if info.message else ""))
     return 0
 
 
 def logs(args) -> int:
-    client = _client(args.address)
+    client = _job_client(args)
     if not getattr(args, "follow", False):
         print(_call(f"logs of {args.job_id}", client.get_job_logs, args.job_id), end="")
         return 0
@@ -100,6 +177,6 @@ def logs(args) -> int:
 
 
 def stop(args) -> int:
-    ok = _call(f"stopping {args.job_id}", _client(args.address).stop_job, args.job_id)
+    ok = _call(f"stopping {args.job_id}", _job_client(args).stop_job, args.job_id)
     print(f"{'stopping' if ok else 'already ended'}: {args.job_id}")
     return 0

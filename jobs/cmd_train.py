@@ -10,6 +10,9 @@ def add_run_options(p) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override, e.g. train.steps=200")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded cluster)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///<run_dir>/mlflow.db)")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="also show library output (Ray, DeepSpeed, torch, MLflow) on the console; it is always in "
+                        "the run's run.log")
 
 
 def register(sub) -> None:
@@ -26,10 +29,16 @@ def run(args) -> int:
     from raygen.train.cluster import ClusterError
     from raygen.train.runner import TrainingFailed, run_training
 
-    spec = load_spec(args.spec, args.set)
+    from raygen.spec.loader import read_spec_file
+    from raygen.spec.pipeline import is_pipeline
+    if is_pipeline(read_spec_file(args.spec)):
+        return run_pipeline_command(args)
+    overrides = resume_overrides(args.spec, args.set) if args.resume else list(args.set)
+    spec = load_spec(args.spec, overrides)
     try:
         result = run_training(spec, resume=args.resume, tracking_uri=args.tracking_uri, address=args.address,
-                              stop_after=args.stop_after, progress=not os.environ.get("RAYGEN_NO_PROGRESS"))
+                              stop_after=args.stop_after, progress=not os.environ.get("RAYGEN_NO_PROGRESS"),
+                              overrides=overrides, verbose=args.verbose)
     except (ClusterError, TrainingFailed) as err:
         raise UserError(str(err)) from None
     print()
@@ -48,5 +57,63 @@ def run(args) -> int:
         print("  serve it:   raygen serve --model " + shlex.quote(result.model_uri) +
               " --tracking-uri " + shlex.quote(result.tracking_uri))
     elif result.checkpoint:
-        print(f"  paused; continue with: raygen train {shlex.quote(args.spec)} --resume")
+        print(f"  paused; continue with: {resume_command(args, overrides)}")
+    return 0
+
+
+def _key(item: str) -> str:
+    return item.partition("=")[0].strip()
+
+
+def resume_overrides(spec_path: str, given: list[str]) -> list[str]:
+    """The `--set` items the run was started with (run.json), then those given
+    now: resuming continues the same spec, and a key given again wins."""
+    import json
+
+    from raygen.spec import load_spec
+    from raygen.train.runner import pick_run_dir
+
+    run_dir = pick_run_dir(load_spec(spec_path, given), resume=True)
+    state = run_dir / "run.json"
+    stored = json.loads(state.read_text()).get("overrides", []) if state.is_file() else []
+    merged = {_key(item): item for item in [*stored, *given]}
+    if stored:
+        print(f"[raygen] resuming {run_dir} with its overrides: " + " ".join(f"--set {shlex.quote(s)}" for s in stored),
+              flush=True)
+    return list(merged.values())
+
+
+def resume_command(args, overrides: list[str]) -> str:
+    """The whole command that continues this run: same spec, every override, same cluster and store."""
+    parts = ["raygen", "train", shlex.quote(args.spec), "--resume"]
+    parts += [f"--set {shlex.quote(item)}" for item in overrides]
+    if args.address:
+        parts.append(f"--address {shlex.quote(args.address)}")
+    if args.tracking_uri:
+        parts.append(f"--tracking-uri {shlex.quote(args.tracking_uri)}")
+    return " ".join(parts)
+
+
+def run_pipeline_command(args) -> int:
+    """A spec with `stages:` runs them in order; a rerun skips finished stages and resumes the first unfinished."""
+    from raygen.jobs.cli import UserError
+    from raygen.spec.pipeline import load_pipeline
+    from raygen.train.cluster import ClusterError
+    from raygen.train.pipeline import run_pipeline
+    from raygen.train.runner import TrainingFailed
+
+    if args.stop_after is not None:
+        raise UserError("--stop-after applies to one job spec; a pipeline resumes by running it again")
+    pipeline, base = load_pipeline(args.spec, args.set)
+    try:
+        result = run_pipeline(pipeline, base, tracking_uri=args.tracking_uri, address=args.address,
+                              progress=not os.environ.get("RAYGEN_NO_PROGRESS"))
+    except (ClusterError, TrainingFailed, RuntimeError) as err:
+        raise UserError(str(err)) from None
+    print()
+    print(f"Pipeline {pipeline.name} finished: {result.folder}")
+    for name, model in result.models.items():
+        how = "skipped, finished earlier" if name in result.skipped else "ran"
+        print(f"  {name}: {model}  ({how})")
+    print(f"  MLflow: parent run {result.parent_run_id} in {result.tracking_uri}")
     return 0

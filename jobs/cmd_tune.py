@@ -21,7 +21,7 @@ def run(args) -> int:
     spec = load_spec(args.spec, args.set)
     try:
         result = run_tune(spec, tracking_uri=args.tracking_uri, address=args.address,
-                          progress=not os.environ.get("RAYGEN_NO_PROGRESS"))
+                          progress=not os.environ.get("RAYGEN_NO_PROGRESS"), verbose=args.verbose)
     except ClusterError as err:
         raise UserError(str(err)) from None
     metric = spec.tune.metric

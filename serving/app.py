@@ -50,11 +50,14 @@ class AppArgs(BaseModel):
     scorer: Optional[str] = Field(None, description="CLIP scorer spec for best_of reranking (given to load_scorer)")
     scorer_loader: str = Field(DEFAULT_SCORER_LOADER, description="MODULE:FUNCTION that turns the scorer spec into a scorer")
     imports: list[str] = Field(default_factory=list, description="modules or .py files that register extra model families")
-    replica_cpus: float = Field(1.0, gt=0, description="CPUs per generator replica")
+    replica_cpus: Optional[float] = Field(None, gt=0, description="CPUs per generator replica; default: 1, or an "
+                                          "equal share that fits the cluster when 1 each does not")
     replica_gpus: float = Field(0.0, ge=0, description="GPUs per generator replica (>0 samples on CUDA)")
     ingress_cpus: float = Field(0.1, gt=0)
-    scorer_cpus: float = Field(1.0, gt=0)
+    scorer_cpus: Optional[float] = Field(None, gt=0, description="CPUs of the scorer; default like replica_cpus")
     scorer_gpus: float = Field(0.0, ge=0)
+    check_resources: bool = Field(True, description="refuse at once what the cluster's CPUs/GPUs cannot hold "
+                                                    "(turn off on an autoscaling cluster that grows on demand)")
 
     _split_lists = field_validator("models", "imports", mode="before")(_split)
 
@@ -135,6 +138,18 @@ class ModelEntry:
     family: str
     run_id: Optional[str]
     summary: str
+    card: dict = field(default_factory=dict)
+
+
+@dataclass
+class Sizing:
+    """Resources per replica, decided by `size_replicas`."""
+    replica_cpus: float
+    scorer_cpus: float      # 0 without a scorer
+    needed_cpus: float
+    total_cpus: float
+    free_cpus: float
+    note: Optional[str] = None
 
 
 @dataclass
@@ -144,6 +159,14 @@ class AppPlan:
     serve: Any  # raygen.spec.ServeSpec
     reranking: str  # ready | off | unavailable
     notes: list[str] = field(default_factory=list)
+    args: Optional[AppArgs] = None
+    imports: list[str] = field(default_factory=list)
+    tracking_uri: Optional[str] = None
+    sizing: Optional[Sizing] = None
+
+
+class ResourceError(ValueError):
+    """The cluster cannot hold the app's replicas: Serve would wait for them forever."""
 
 
 def _scorer_available(loader: str) -> Optional[str]:
@@ -163,11 +186,11 @@ def _scorer_available(loader: str) -> Optional[str]:
     return None
 
 
-def plan_app(args: Union[AppArgs, dict]):
-    """Validate args, check every model loads, and bind the deployments. Returns (Application, AppPlan)."""
-    from raygen.models.io import load_generator
-    from raygen.serving.deployments import GeneratorServer, ScorerServer
-    from raygen.serving.ingress import Ingress
+def load_plan(args: Union[AppArgs, dict]) -> AppPlan:
+    """Validate args and load every model once (no Ray needed): a wrong path, an
+    unknown family or a model that cannot sample fails here, in one line."""
+    from raygen.exports import load_generator
+    from raygen.serving.loading import model_card, summary
 
     args = args if isinstance(args, AppArgs) else AppArgs.model_validate(args)
     imports = [_absolute_import(e) for e in args.imports]
@@ -183,14 +206,9 @@ def plan_app(args: Union[AppArgs, dict]):
         name = check_model_name(name or default_name(loaded))
         if any(e.name == name for e in entries):
             raise ValueError(f"two models are named {name!r}; name them apart with NAME=URI")
-        info = loaded.data_info
-        conditioning = (f"{info.num_classes} classes" if info.num_classes else "unconditional") + \
-            (", captions" if info.has_captions else "")
-        family = loaded.meta.get("family") or loaded.spec.model.family
-        run_id = loaded.meta.get("run_id")
-        entries.append(ModelEntry(name=name, uri=uri, family=family, run_id=run_id,
-                                  summary=f"{family}, {info.resolution}x{info.resolution}x{info.channels}, {conditioning}"
-                                          + (f", run {run_id}" if run_id else "")))
+        card = model_card(loaded, name=name)
+        entries.append(ModelEntry(name=name, uri=uri, family=card["family"], run_id=card["run_id"],
+                                  summary=summary(card), card=card))
         if base_serve is None:
             base_serve = loaded.spec.serve
         del loaded  # the replicas load their own copy
@@ -206,6 +224,102 @@ def plan_app(args: Union[AppArgs, dict]):
             notes.append(f"--scorer given but reranking is unavailable: {missing}; best_of requests will get 501")
         else:
             reranking = "ready"
+    return AppPlan(models=entries, serve=spec, reranking=reranking, notes=notes, args=args, imports=imports,
+                   tracking_uri=tracking_uri)
+
+
+def cluster_resources() -> tuple[float, float, float, str]:
+    """(total CPUs, free CPUs, total GPUs, where): the connected Ray cluster's, or this
+    machine's when Ray is not started yet (`serve run module:build_app` builds the
+    app before it starts or joins a cluster)."""
+    import ray
+
+    if ray.is_initialized():
+        total, free = ray.cluster_resources(), ray.available_resources()
+        return float(total.get("CPU", 0)), float(free.get("CPU", 0)), float(total.get("GPU", 0)), "the Ray cluster"
+    try:
+        cpus = float(len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        cpus = float(os.cpu_count() or 1)
+    import torch  # loaded already: the models were just loaded with it
+
+    gpus = float(torch.cuda.device_count()) if torch.cuda.is_available() else 0.0
+    return cpus, cpus, gpus, "this machine"
+
+
+def _floor(x: float, step: float = 0.01) -> float:
+    return round(int(x / step + 1e-9) * step, 4)
+
+
+def size_replicas(args: AppArgs, *, generator_replicas: int, scorer: bool, total_cpus: float, free_cpus: float,
+                  total_gpus: float = 0.0, where: str = "the Ray cluster") -> Sizing:
+    """CPUs per generator replica and for the scorer, so that every replica can be placed.
+
+    A replica asks for 1 CPU unless told otherwise; when the free CPUs cannot hold
+    1 each (two models on a 2-core laptop), replicas whose CPUs were not given
+    share what is free equally (fractions of a CPU: sampling threads are set
+    from it, not capped by it). Given values that cannot fit, or shares too
+    small to be useful, are refused at once with the CPUs needed and available,
+    instead of replicas that wait forever to be scheduled."""
+    ingress = args.ingress_cpus
+    fixed, units = ingress, 0
+    if args.replica_cpus is None:
+        units += generator_replicas
+    else:
+        fixed += args.replica_cpus * generator_replicas
+    if scorer:
+        if args.scorer_cpus is None:
+            units += 1
+        else:
+            fixed += args.scorer_cpus
+    share = 1.0
+    budget = free_cpus if args.check_resources else max(free_cpus, fixed + units)
+    if units:
+        share = min(1.0, _floor((budget - fixed) / units))
+    replica = args.replica_cpus if args.replica_cpus is not None else share
+    scorer_cpus = (args.scorer_cpus if args.scorer_cpus is not None else share) if scorer else 0.0
+    needed = round(ingress + replica * generator_replicas + scorer_cpus, 4)
+    parts = [f"{generator_replicas} generator replica(s) x {replica:g}"]
+    if scorer:
+        parts.append(f"scorer {scorer_cpus:g}")
+    parts.append(f"ingress {ingress:g}")
+    have = f"{where} has {total_cpus:g} CPUs ({free_cpus:g} free)"
+    if args.check_resources:
+        if units and share < 0.05:
+            raise ResourceError(f"serving needs CPUs for {generator_replicas} generator replica(s)"
+                                f"{' and a scorer' if scorer else ''} but {have}: less than 0.05 CPU each would be "
+                                f"left; serve fewer models or replicas (serve.replicas), or use a bigger cluster")
+        if needed > total_cpus + 1e-6:
+            raise ResourceError(f"serving needs {needed:g} CPUs ({' + '.join(parts)}) but {have}, so replicas "
+                                "would never be scheduled; lower --replica-cpus (replica_cpus) or leave it unset to "
+                                "size replicas to fit, or serve fewer models or replicas")
+        gpus = args.replica_gpus * generator_replicas + (args.scorer_gpus if scorer else 0.0)
+        if gpus > total_gpus + 1e-6:
+            raise ResourceError(f"serving needs {gpus:g} GPUs ({generator_replicas} generator replica(s) x "
+                                f"{args.replica_gpus:g}{f' + scorer {args.scorer_gpus:g}' if scorer else ''}) but "
+                                f"{where} has {total_gpus:g}; lower --replica-gpus or serve fewer replicas")
+    note = None
+    if needed > free_cpus + 1e-6:
+        note = (f"replicas need {needed:g} CPUs but {free_cpus:g} of {total_cpus:g} are free now; they start once "
+                "other work frees CPUs")
+    return Sizing(replica_cpus=replica, scorer_cpus=scorer_cpus, needed_cpus=needed, total_cpus=total_cpus,
+                  free_cpus=free_cpus, note=note)
+
+
+def bind_app(plan: AppPlan, *, resources: Optional[tuple] = None, merge: bool = True):
+    """Size the replicas to the cluster and bind the deployments. Returns the Serve Application.
+
+    resources: (total CPUs, free CPUs, total GPUs, where); default `cluster_resources()`."""
+    from raygen.serving.deployments import GeneratorServer, ScorerServer
+    from raygen.serving.ingress import Ingress
+
+    args, spec, entries = plan.args, plan.serve, plan.models
+    total, free, gpus, where = resources or cluster_resources()
+    sizing = size_replicas(args, generator_replicas=len(entries) * spec.replicas, scorer=plan.reranking == "ready",
+                           total_cpus=total, free_cpus=free, total_gpus=gpus, where=where)
+    plan.sizing = sizing
+    if sizing.note and sizing.note not in plan.notes:
+        plan.notes.append(sizing.note)
 
     generators = {}
     for entry in entries:
@@ -215,40 +329,125 @@ def plan_app(args: Union[AppArgs, dict]):
             # room for one batch running and the next one filling; the rest wait in the bounded caller queue
             max_ongoing_requests=2 * spec.max_batch_size,
             max_queued_requests=spec.max_queued_requests,
-            ray_actor_options={"num_cpus": args.replica_cpus, "num_gpus": args.replica_gpus},
+            ray_actor_options={"num_cpus": sizing.replica_cpus, "num_gpus": args.replica_gpus},
             max_constructor_retry_count=3,
-        ).bind(entry.name, entry.uri, tracking_uri=tracking_uri, imports=imports,
+        ).bind(entry.name, entry.uri, tracking_uri=plan.tracking_uri, imports=plan.imports,
                max_batch_size=spec.max_batch_size, batch_wait_timeout_s=spec.batch_wait_timeout_s,
-               replicas=spec.replicas, use_gpu=args.replica_gpus > 0)
+               replicas=spec.replicas, use_gpu=args.replica_gpus > 0, merge=merge)
     scorer = None
-    if reranking == "ready":
+    if plan.reranking == "ready":
         scorer = ScorerServer.options(
             name="scorer",
             max_ongoing_requests=4,
             max_queued_requests=spec.max_queued_requests,
-            ray_actor_options={"num_cpus": args.scorer_cpus, "num_gpus": args.scorer_gpus},
+            ray_actor_options={"num_cpus": sizing.scorer_cpus, "num_gpus": args.scorer_gpus},
             max_constructor_retry_count=3,
-        ).bind(args.scorer, args.scorer_loader, tracking_uri=tracking_uri, use_gpu=args.scorer_gpus > 0)
+        ).bind(args.scorer, args.scorer_loader, tracking_uri=plan.tracking_uri, imports=plan.imports,
+               use_gpu=args.scorer_gpus > 0)
     # The ingress only awaits, so it admits more than all generators together can hold: overload is
     # then refused by a generator's bounded queue as the app's JSON 503, not by the proxy in plain text
     # (the proxy's own queue check races under bursts and refuses early when its bound is tiny).
     ingress_limit = max(32, 2 * len(entries) * (spec.max_queued_requests + 2 * spec.max_batch_size * spec.replicas))
-    ingress = Ingress.options(
+    return Ingress.options(
         name="ingress",
         max_ongoing_requests=ingress_limit,
         max_queued_requests=ingress_limit,
         ray_actor_options={"num_cpus": args.ingress_cpus},
-    ).bind(generators, scorer, default_model=entries[0].name, max_n=spec.max_n,
-           request_timeout_s=spec.request_timeout_s, reranking=reranking)
-    return ingress, AppPlan(models=entries, serve=spec, reranking=reranking, notes=notes)
+    ).bind(generators, scorer, cards=[e.card for e in entries], imports=plan.imports,
+           default_model=entries[0].name, max_n=spec.max_n, request_timeout_s=spec.request_timeout_s,
+           reranking=plan.reranking)
+
+
+def plan_app(args: Union[AppArgs, dict], *, resources: Optional[tuple] = None, merge: bool = True):
+    """Validate args, check every model loads, size the replicas and bind the deployments.
+    Returns (Application, AppPlan)."""
+    plan = load_plan(args)
+    return bind_app(plan, resources=resources, merge=merge), plan
+
+
+#: what a bad model or bad arguments raise: one line each, no traceback
+def _load_errors() -> tuple:
+    from raygen.models import CapabilityError
+    from raygen.models.errors import ModelLoadError
+    from raygen.spec.errors import SpecError
+    return (ModelLoadError, CapabilityError, SpecError, ValueError, ImportError, OSError, KeyError)
+
+
+class AppBuildError(RuntimeError):
+    """build_app could not build the app; the message is the one-line cause."""
 
 
 def build_app(args: dict):
-    """Serve app builder: `serve run raygen.serving.app:build_app model=PATH [serve=max_n=32] ...`."""
-    app, plan = plan_app(args)
+    """Serve app builder: `serve run raygen.serving.app:build_app model=PATH [serve=max_n=32] ...`.
+
+    A bad model or argument ends `serve run` with one line instead of a
+    traceback (import path) or a hang (config file: Serve builds the app in a
+    task and `serve run` would wait forever for an app that cannot build)."""
+    try:
+        app, plan = plan_app(args)
+    except _load_errors() as err:
+        message = _one_line(err)
+        if _in_ray_task():
+            print(f"raygen.serving: error: {message}", file=sys.stderr, flush=True)
+            _stop_waiting_serve_run()
+            raise AppBuildError(message) from None
+        raise SystemExit(f"raygen.serving: error: {message}") from None
     for note in plan.notes:
         print(f"raygen.serving: {note}", file=sys.stderr)
     return app
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip()
+    if isinstance(err, KeyError) and len(err.args) == 1 and isinstance(err.args[0], str):
+        text = err.args[0]  # KeyError's str() quotes its message
+    return " ".join(text.split()) or type(err).__name__
+
+
+def _in_ray_task() -> bool:
+    """True inside a Ray worker (where Serve builds a config file's app), not in a driver."""
+    try:
+        import ray
+        return ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE
+    except Exception:  # noqa: BLE001 - not knowable: treat as a driver
+        return False
+
+
+def _stop_waiting_serve_run(grace_s: float = 2.0) -> Optional[int]:
+    """Stop the `serve run CONFIG` process waiting for this build, if it runs on this node.
+
+    `serve run` with a config file submits the config and then sleeps forever,
+    whatever becomes of the build: nothing in Ray tells it the build failed.
+    The build task belongs to the job of the driver that started Serve; when
+    that driver is a `serve run` on this machine, it is sent SIGINT (its own
+    clean shutdown) or, when it ignores SIGINT (started in the background),
+    SIGTERM, after `grace_s` for the error line above to reach its terminal.
+    Any other driver (`raygen serve`, a notebook, `serve deploy`'s dashboard)
+    is left alone. Returns the pid signalled, or None."""
+    try:
+        import ray
+        from ray._private import state
+
+        job_id = ray.get_runtime_context().get_job_id()
+        node_ip = ray.util.get_node_ip_address()
+        driver = next((j for j in state.jobs() if j["JobID"] == job_id and not j["IsDead"]), None)
+        if driver is None or driver["DriverIPAddress"] not in (node_ip, "127.0.0.1", "localhost"):
+            return None
+        pid = int(driver["DriverPid"])
+        argv = [os.path.basename(a) for a in
+                Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0") if a]
+        if not any(a == "serve" and argv[i + 1:i + 2] == ["run"] for i, a in enumerate(argv)):
+            return None
+        ignored = 0
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("SigIgn:"):
+                ignored = int(line.split()[1], 16)
+        sig = signal.SIGTERM if ignored & (1 << (signal.SIGINT - 1)) else signal.SIGINT
+        time.sleep(grace_s)
+        os.kill(pid, sig)
+        return pid
+    except Exception:  # noqa: BLE001 - best effort: the error is raised to Serve either way
+        return None
 
 
 # ---------------------------------------------------------------- running it (the CLI)
@@ -298,7 +497,7 @@ def serve_forever(args: AppArgs, *, host: Optional[str] = None, port: Optional[i
     import ray
     from ray import serve
 
-    app, plan = plan_app(args)
+    plan = load_plan(args)  # a bad model fails here, before Ray starts
     spec = plan.serve
     host = host or spec.host
     port = port or spec.port
@@ -331,6 +530,7 @@ def serve_forever(args: AppArgs, *, host: Optional[str] = None, port: Optional[i
         # Ray's core worker installs its own SIGTERM handler (it dumps a stack and aborts): take it back
         for s in stop_signals:
             signal.signal(s, _on_signal)
+        app = bind_app(plan)  # sized to the cluster's CPUs, or refused at once when they cannot hold it
         # the proxy's own timeout sits a little above the app's, so clients get the app's JSON 504 first
         serve.start(http_options={"host": host, "port": port, "request_timeout_s": spec.request_timeout_s + 5},
                     proxy_location="HeadOnly")
@@ -347,7 +547,7 @@ def serve_forever(args: AppArgs, *, host: Optional[str] = None, port: Optional[i
             lines.append(f"  {entry.name}: {entry.summary}{'  [default]' if i == 0 else ''}")
         lines.append(f"  best_of reranking: {plan.reranking}; max_n {spec.max_n}, batch {spec.max_batch_size}, "
                      f"queue {spec.max_queued_requests}, timeout {spec.request_timeout_s:g} s, "
-                     f"{spec.replicas} replica(s) per model")
+                     f"{spec.replicas} replica(s) per model at {plan.sizing.replica_cpus:g} CPU")
         lines.append("Press Ctrl-C (or send SIGTERM) to stop.")
         print("\n".join(lines), file=out, flush=True)
         while True:  # sleeps until a signal raises _Stop

@@ -1,15 +1,15 @@
 """Serve deployments that hold models: one generator deployment per model and
 an optional CLIP scorer for best-of-n reranking.
 
-Determinism: every request is sampled with its own `torch.Generator` seeded
-from the request's seed, one request after another inside a batch. So the
-images of a request never depend on which other requests shared its batch,
-and the same seed gives the same bytes under any concurrency. The
-`Generator.sample` protocol takes one generator per call, so folding several
-requests into one `sample` call would tie each request's noise to its batch
-neighbours; `@serve.batch` still collects concurrent requests so one worker
-thread runs them back to back while the replica's event loop keeps accepting
-and queueing the next ones.
+Batching and determinism: `sample` takes one `torch.Generator` per image, and
+image i of a request with seed s uses seed s + i. So concurrent requests whose
+sampling params are equal (`SamplingParams.key()`) are merged into ONE
+`model.sample` call (their conditions concatenated, one generator per image)
+and the result is sliced back per request: the images of a request do not
+depend on which requests shared its forward pass, and the same request gives
+the same bytes under any concurrency. Requests with other params in the same
+`@serve.batch` go in forward calls of their own. `BatchSampler` holds this
+logic without Ray, so it is tested in plain Python.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import asyncio
 import importlib
 import logging
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 from ray import serve
@@ -27,21 +27,105 @@ from raygen.serving.requests import SampleJob
 logger = logging.getLogger("ray.serve")
 
 
+class BatchSampler:
+    """Samples a batch of jobs for one model: jobs with equal params share one forward call.
+
+    merge=False samples every job in a call of its own (the benchmark's
+    "batching off"). If a merged call fails, its jobs are retried one by one,
+    so one request's bad value fails only that request."""
+
+    def __init__(self, model, *, name: str, device: str = "cpu", merge: bool = True):
+        self.model = model
+        self.name = name
+        self.device = device
+        self.merge = merge
+        self.shape = tuple(model.data_info.shape)
+        self.forward_calls = 0  # how many model.sample calls ran (tests and benchmarks read it)
+
+    def run(self, jobs: Sequence[SampleJob]) -> list[dict[str, Any]]:
+        """One result per job, in order: {"images": uint8 [n, H, W, C], "seeds", "sample_ms", "batch_images"}
+        or {"error", "status"}."""
+        groups: dict[tuple, tuple[Any, list[int]]] = {}
+        results: list[dict[str, Any]] = [{}] * len(jobs)
+        for i, job in enumerate(jobs):
+            try:
+                params = self.model.sampling_params.model_validate(job.params)
+            except ValueError as err:  # the ingress validated these already: only a version skew gets here
+                results[i] = {"error": f"model {self.name!r} rejected the sampling params: {err}", "status": 422}
+                continue
+            key = (job.kind, repr(params.key()))
+            groups.setdefault(key, (params, []))[1].append(i)
+        for params, members in groups.values():
+            group = [jobs[i] for i in members]
+            if self.merge and len(group) > 1:
+                out = self._merged(group, params)
+            else:
+                out = [self._alone(job, params) for job in group]
+            for i, result in zip(members, out):
+                results[i] = result
+        return results
+
+    def _forward(self, jobs: Sequence[SampleJob], params) -> tuple[np.ndarray, list[int], float]:
+        import torch
+
+        from raygen.models import Conditions
+        from raygen.models.sampling import image_seeds, make_generators
+        from raygen.serving.images import to_uint8
+
+        t0 = time.perf_counter()
+        conditions = Conditions.cat([Conditions.repeat(job.kind, job.condition, job.n) for job in jobs])
+        seeds = [s for job in jobs for s in image_seeds(job.seed, job.n)]
+        self.forward_calls += 1
+        with torch.inference_mode():
+            images = self.model.sample(conditions, params, make_generators(seeds, self.device))
+        expected = (len(seeds), *self.shape)
+        if tuple(images.shape) != expected:
+            raise RuntimeError(f"model {self.name!r} returned images of shape {tuple(images.shape)}, "
+                               f"expected {expected}")
+        return to_uint8(images), seeds, (time.perf_counter() - t0) * 1e3
+
+    def _merged(self, jobs: Sequence[SampleJob], params) -> list[dict[str, Any]]:
+        try:
+            images, seeds, ms = self._forward(jobs, params)
+        except Exception as err:  # noqa: BLE001 - find out which request it was
+            logger.info("merged sampling of %d requests failed in %s (%s); retrying them one by one",
+                        len(jobs), self.name, err)
+            return [self._alone(job, params) for job in jobs]
+        out, start = [], 0
+        for job in jobs:
+            out.append({"images": images[start:start + job.n], "seeds": seeds[start:start + job.n],
+                        "sample_ms": ms, "batch_images": len(seeds)})
+            start += job.n
+        return out
+
+    def _alone(self, job: SampleJob, params) -> dict[str, Any]:
+        try:
+            images, seeds, ms = self._forward([job], params)
+        except ValueError as err:
+            # the family judged a value (a condition or a parameter): the client's to fix
+            return {"error": f"model {self.name!r} rejected the request: {err}", "status": 422}
+        except Exception as err:  # noqa: BLE001 - a one-line 500; the traceback goes to the replica log
+            logger.exception("sampling failed in %s for %r", self.name, job)
+            return {"error": f"generation failed in model {self.name!r}: {type(err).__name__}: {err}", "status": 500}
+        return {"images": images, "seeds": seeds, "sample_ms": ms, "batch_images": len(seeds)}
+
+
 @serve.deployment
 class GeneratorServer:
     def __init__(self, name: str, uri: str, *, tracking_uri: str | None, imports: list[str],
-                 max_batch_size: int, batch_wait_timeout_s: float, replicas: int, use_gpu: bool):
+                 max_batch_size: int, batch_wait_timeout_s: float, replicas: int, use_gpu: bool,
+                 merge: bool = True):
         import torch
 
-        from raygen.models.io import load_generator
-        from raygen.serving.loading import describe, import_modules
+        from raygen.exports import load_generator
+        from raygen.serving.loading import import_modules, model_card
 
         import_modules(imports)
         loaded = load_generator(uri, tracking_uri)
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-        self.model = loaded.model.to(self.device).eval()
-        self.name = name
-        self._info = describe(loaded, name=name, device=self.device, replicas=replicas)
+        model = loaded.model.to(self.device).eval()
+        self.sampler = BatchSampler(model, name=name, device=self.device, merge=merge)
+        self._info = {**model_card(loaded, name=name), "device": self.device, "replicas": replicas}
         self._batched.set_max_batch_size(max_batch_size)
         self._batched.set_batch_wait_timeout_s(batch_wait_timeout_s)
         logger.info("generator %s loaded from %s on %s", name, uri, self.device)
@@ -50,46 +134,13 @@ class GeneratorServer:
         return self._info
 
     async def generate(self, job: SampleJob) -> dict[str, Any]:
-        """Returns {"images": uint8 [n, H, W, C], "sample_ms"} or {"error", "status"}."""
+        """Returns {"images": uint8 [n, H, W, C], "seeds", "sample_ms", "batch_images"} or {"error", "status"}."""
         return await self._batched(job)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)  # real values set per model in __init__
     async def _batched(self, jobs: list[SampleJob]) -> list[dict[str, Any]]:
         # torch work runs off the event loop so health checks and new requests are not blocked
-        return await asyncio.to_thread(self._run_batch, jobs)
-
-    def _run_batch(self, jobs: list[SampleJob]) -> list[dict[str, Any]]:
-        # same-options requests run next to each other (warm caches, stable kernels); results keep request order
-        order = sorted(range(len(jobs)), key=lambda i: repr(jobs[i].options_key()))
-        results: list[dict[str, Any]] = [{}] * len(jobs)
-        for i in order:
-            results[i] = self._sample(jobs[i])
-        return results
-
-    def _sample(self, job: SampleJob) -> dict[str, Any]:
-        import torch
-
-        from raygen.serving.images import to_uint8
-
-        data = self._info["data"]
-        t0 = time.perf_counter()
-        generator = torch.Generator(device=self.device).manual_seed(job.seed)
-        labels = None if job.label is None else torch.full((job.n,), job.label, dtype=torch.long, device=self.device)
-        captions = None if job.caption is None else [job.caption] * job.n
-        try:
-            with torch.inference_mode():
-                images = self.model.sample(job.n, labels=labels, captions=captions, generator=generator, **job.options)
-        except ValueError as err:
-            # the family judged an option value (e.g. a negative temperature): the client's to fix
-            return {"error": f"model {self.name!r} rejected the request: {err}", "status": 422}
-        except Exception as err:
-            logger.exception("sampling failed in %s for %r", self.name, job)
-            return {"error": f"generation failed in model {self.name!r}: {type(err).__name__}: {err}", "status": 500}
-        expected = (job.n, data["channels"], data["resolution"], data["resolution"])
-        if tuple(images.shape) != expected:
-            return {"error": f"model {self.name!r} returned images of shape {tuple(images.shape)}, "
-                             f"expected {expected}", "status": 500}
-        return {"images": to_uint8(images), "sample_ms": (time.perf_counter() - t0) * 1e3}
+        return await asyncio.to_thread(self.sampler.run, jobs)
 
 
 @serve.deployment
@@ -97,11 +148,14 @@ class ScorerServer:
     """Best-of-n reranking: scores candidates against a text with a CLIP-style
     scorer (`raygen.metrics.load_scorer`) and keeps the best k (`raygen.metrics.BestOfN`)."""
 
-    def __init__(self, spec: str, loader: str, *, tracking_uri: str | None, use_gpu: bool):
+    def __init__(self, spec: str, loader: str, *, tracking_uri: str | None, imports: list[str] = (),
+                 use_gpu: bool):
         import torch
 
         from raygen.metrics import BestOfN
+        from raygen.serving.loading import import_modules
 
+        import_modules(list(imports))
         device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         module, _, func = loader.partition(":")
         scorer = getattr(importlib.import_module(module), func)(spec, device=device, tracking_uri=tracking_uri)

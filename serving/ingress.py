@@ -4,10 +4,15 @@ Every error leaves as JSON `{"error": "...", "field": "..."}`: validation
 problems as 4xx naming the field, a full queue as 503, a slow generation as
 504, and anything unexpected as a 500 with a one-line message (the traceback
 goes to the replica log, not to the client).
+
+The FastAPI app is built per replica from the served models' cards
+(`make_api`), so the OpenAPI schema documents each model's condition and
+sampling parameters with their real types and ranges. `Frontend` holds the
+logic without FastAPI or Ray: tests drive it with stand-in deployment handles.
 """
-# No `from __future__ import annotations`: FastAPI must see the real body type of the routes
-# Serve wraps, or it takes `req` for a query parameter.
+# No `from __future__ import annotations`: FastAPI reads the routes' annotations at run time.
 import asyncio
+import json
 import logging
 import time
 from pathlib import Path
@@ -15,34 +20,22 @@ from typing import Any, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from raygen.serving.images import grid, png_base64, png_bytes
-from raygen.serving.requests import RequestError, resolve
-from raygen.serving.schema import (
-    ErrorBody,
-    GenerateRequest,
-    GenerateResponse,
-    HealthResponse,
-    ModelsResponse,
-)
+from raygen.serving.requests import RequestError, ServedModel, resolve
+from raygen.serving.schema import ErrorBody, GenerateResponse, HealthResponse, ModelsResponse, request_schemas
 
 logger = logging.getLogger("ray.serve")
 
 PAGE = (Path(__file__).parent / "static" / "index.html").read_text(encoding="utf-8")
-
-api = FastAPI(
-    title="raygen",
-    version="0.1.0",
-    description="Generate images with models trained by raygen. `POST /v1/generate` with JSON; "
-                "`GET /v1/models` lists the models, their classes and sampling options.",
-)
-
-# Serve freezes (pickles) the FastAPI app when the ingress class is decorated: every
-# helper a route or handler uses must be defined above the class.
+TITLE = "raygen"
+DESCRIPTION = ("Generate images with models trained by raygen. `POST /v1/generate` with JSON; `GET /v1/models` "
+               "lists the models, their condition, their sampling parameters (JSON schema) and their data.")
 _ERRORS = {code: {"model": ErrorBody} for code in (400, 404, 422, 501, 503, 504)}
 
 
@@ -63,47 +56,19 @@ def short(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[:300]}" if text else type(err).__name__
 
 
-@api.exception_handler(RequestValidationError)
-async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    errors = exc.errors()
-    first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request", "type": "value_error"}
-    loc = list(first["loc"][1:]) if first["loc"] and first["loc"][0] in ("body", "query", "path", "header") \
-        else list(first["loc"])
-    if first["type"] == "json_invalid":
-        detail = (first.get("ctx") or {}).get("error", "")
-        return error(422, f"malformed JSON body{': ' + str(detail) if detail else ''}", "body")
-    if not loc or not isinstance(loc[0], str):
-        return error(422, f"the body must be a JSON object of request fields: {first['msg']}", "body")
-    field = loc[0]
-    branches = [e for e in errors if e["loc"][:2] == first["loc"][:2]]
-    if len(branches) > 1:  # a union such as label: int | str failed on every branch
-        kinds = " or ".join(str(e["loc"][2]) for e in branches if len(e["loc"]) > 2)
-        message = f"{field} must be {kinds}"
-    else:
-        message = f"{field}: {first['msg']}"
-    if "input" in first and not isinstance(first["input"], (dict, list)) and first["type"] != "missing":
-        message += f" (got {first['input']!r})"
-    return error(422, message, field)
+class Frontend:
+    """What the ingress does for each route, given handles to the model deployments.
 
+    `generators` maps model names to handles whose `.generate.remote(job)` and
+    `.info.remote()` return awaitables (Serve's DeploymentHandles, or stand-ins
+    in tests); `scorer` likewise has `.rerank.remote(text, images, k)`."""
 
-@api.exception_handler(StarletteHTTPException)
-async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    return error(exc.status_code, str(exc.detail), None, getattr(exc, "headers", None))
-
-
-@api.exception_handler(Exception)
-async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
-    logger.exception("unhandled error on %s %s", request.method, request.url.path)
-    return error(500, f"internal error: {short(exc)}")
-
-
-@serve.deployment
-@serve.ingress(api)
-class Ingress:
-    def __init__(self, generators: dict[str, Any], scorer: Optional[Any], *, default_model: str, max_n: int,
-                 request_timeout_s: float, reranking: str):
+    def __init__(self, generators: dict[str, Any], scorer: Optional[Any], *, cards: list[dict], default_model: str,
+                 max_n: int, request_timeout_s: float, reranking: str, params_classes: Optional[dict] = None):
         self.generators = generators
         self.scorer = scorer
+        self.cards = cards
+        self.models = {c["name"]: ServedModel.from_card(c, (params_classes or {}).get(c["name"])) for c in cards}
         self.default_model = default_model
         self.max_n = max_n
         self.timeout = request_timeout_s
@@ -121,11 +86,6 @@ class Ingress:
                     self._infos = dict(zip(names, found))
         return self._infos
 
-    @api.get("/", response_class=HTMLResponse, include_in_schema=False)
-    async def playground(self) -> HTMLResponse:
-        return HTMLResponse(PAGE)
-
-    @api.get("/healthz", response_model=HealthResponse, responses={503: {"model": ErrorBody}})
     async def healthz(self):
         try:
             infos = await asyncio.wait_for(self.infos(), timeout=10.0)
@@ -133,38 +93,36 @@ class Ingress:
             return error(503, f"models are not ready: {short(err)}")
         return {"status": "ok", "models": list(infos), "reranking": self.reranking}
 
-    @api.get("/v1/models", response_model=ModelsResponse)
-    async def models(self):
+    async def list_models(self):
         infos = await self.infos()
         return {"models": list(infos.values()), "default_model": self.default_model, "max_n": self.max_n,
                 "reranking": self.reranking}
 
-    @api.post("/v1/generate", response_model=GenerateResponse,
-              responses={**_ERRORS, 200: {"content": {"image/png": {}},
-                                          "description": "JSON, or one PNG when format is png"}})
-    async def generate(self, req: GenerateRequest):
+    async def generate(self, body: Any):
         start = time.perf_counter()
         deadline = start + self.timeout
         try:
-            infos = await asyncio.wait_for(self.infos(), timeout=self.timeout)
-        except Exception as err:  # noqa: BLE001 - generators that cannot describe themselves are not ready
-            return error(503, f"models are not ready: {short(err)}", headers={"Retry-After": "5"})
-        try:
-            plan = resolve(req, infos, default_model=self.default_model, max_n=self.max_n, reranking=self.reranking)
+            plan = resolve(body, self.models, default_model=self.default_model, max_n=self.max_n,
+                           reranking=self.reranking)
         except RequestError as err:
             return error(err.status, err.message, err.field)
+        try:
+            await asyncio.wait_for(self.infos(), timeout=self.timeout)
+        except Exception as err:  # noqa: BLE001 - generators that cannot describe themselves are not ready
+            return error(503, f"models are not ready: {short(err)}", headers={"Retry-After": "5"})
 
         try:
             result = await self._call(self.generators[plan.model].generate.remote(plan.job), deadline)
             if "error" in result:
                 return error(result["status"], result["error"])
-            images = result["images"]
+            images, seeds = result["images"], list(result["seeds"])
             scores: list = [None] * plan.keep
             if plan.rerank_text is not None:
                 ranked = await self._call(self.scorer.rerank.remote(plan.rerank_text, images, plan.keep), deadline)
-                images, scores = images[ranked["order"]], [float(s) for s in ranked["scores"]]
+                order = list(ranked["order"])
+                images, seeds, scores = images[order], [seeds[i] for i in order], [float(s) for s in ranked["scores"]]
             else:
-                images = images[:plan.keep]
+                images, seeds = images[:plan.keep], seeds[:plan.keep]
         except asyncio.TimeoutError:
             return error(504, f"generation did not finish within {self.timeout:g} s (serve.request_timeout_s)")
         except BackPressureError:
@@ -176,26 +134,107 @@ class Ingress:
             logger.exception("generate failed for %r", plan)
             return error(500, f"internal error: {short(err)}")
 
-        info = infos[plan.model]
+        run_id = self.models[plan.model].card["run_id"]
         if plan.format == "png":
             body = await asyncio.to_thread(lambda: png_bytes(images[0] if len(images) == 1 else grid(images)))
             headers = {"X-Raygen-Model": plan.model, "X-Raygen-Seed": str(plan.job.seed),
+                       "X-Raygen-Seeds": ",".join(str(s) for s in seeds),
                        "X-Raygen-Elapsed-Ms": f"{(time.perf_counter() - start) * 1e3:.1f}"}
-            if info["run_id"]:
-                headers["X-Raygen-Run-Id"] = info["run_id"]
+            if run_id:
+                headers["X-Raygen-Run-Id"] = run_id
             if plan.rerank_text is not None:
                 headers["X-Raygen-Scores"] = ",".join(f"{s:.6g}" for s in scores)
             return Response(body, media_type="image/png", headers=headers)
-        encoded = await asyncio.to_thread(lambda: [png_base64(im) for im in images])
-        return {"model": plan.model, "run_id": info["run_id"],
-                "images": [{"png_base64": b, "score": s} for b, s in zip(encoded, scores)],
-                "seed": plan.job.seed, "elapsed_ms": round((time.perf_counter() - start) * 1e3, 2)}
+        # a few tiny PNGs encode faster here than a thread hand-off costs
+        encoded = [png_base64(im) for im in images] if images[0].size * len(images) <= 65536 else \
+            await asyncio.to_thread(lambda: [png_base64(im) for im in images])
+        return JSONResponse({"model": plan.model, "run_id": run_id,
+                             "images": [{"png_base64": b, "seed": s, "score": sc}
+                                        for b, s, sc in zip(encoded, seeds, scores)],
+                             "seed": plan.job.seed, "elapsed_ms": round((time.perf_counter() - start) * 1e3, 2)})
 
-    @staticmethod
-    async def _call(response, deadline: float):
+    async def _call(self, response, deadline: float):
         """Await a deployment call within what is left of the request's time; cancel it when time is up."""
         try:
             return await asyncio.wait_for(_await(response), max(deadline - time.perf_counter(), 0.001))
         except asyncio.TimeoutError:
             response.cancel()  # frees the replica's slot instead of finishing work nobody waits for
             raise
+
+    def openapi_request(self) -> tuple[dict, dict]:
+        return request_schemas(self.cards, default_model=self.default_model, max_n=self.max_n,
+                               reranking=self.reranking)
+
+
+def make_api(front: Frontend) -> FastAPI:
+    """The FastAPI app of one ingress replica."""
+    api = FastAPI(title=TITLE, version="0.2.0", description=DESCRIPTION)
+
+    @api.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = (exc.errors() or [{"loc": ("body",), "msg": "invalid request"}])[0]
+        loc = [str(p) for p in first["loc"][1:]] or ["body"]
+        return error(422, f"{loc[0]}: {first['msg']}", loc[0])
+
+    @api.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error(exc.status_code, str(exc.detail), None, getattr(exc, "headers", None))
+
+    @api.exception_handler(Exception)
+    async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error(500, f"internal error: {short(exc)}")
+
+    @api.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def playground() -> HTMLResponse:
+        return HTMLResponse(PAGE)
+
+    @api.get("/healthz", response_model=HealthResponse, responses={503: {"model": ErrorBody}})
+    async def healthz():
+        return await front.healthz()
+
+    @api.get("/v1/models", response_model=ModelsResponse)
+    async def models():
+        return await front.list_models()
+
+    @api.post("/v1/generate", response_model=GenerateResponse,
+              responses={**_ERRORS, 200: {"content": {"image/png": {}},
+                                          "description": "JSON, or one PNG when format is png"}})
+    async def generate(request: Request):
+        raw = await request.body()
+        try:
+            body = json.loads(raw)
+        except ValueError as err:  # JSONDecodeError and UnicodeDecodeError
+            return error(422, f"malformed JSON body: {err}", "body")
+        return await front.generate(body)
+
+    def openapi() -> dict:
+        if api.openapi_schema is None:
+            schema = get_openapi(title=api.title, version=api.version, description=api.description,
+                                 routes=api.routes)
+            body, components = front.openapi_request()
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(components)
+            schema["paths"]["/v1/generate"]["post"]["requestBody"] = {
+                "required": True, "content": {"application/json": {"schema": body}}}
+            api.openapi_schema = schema
+        return api.openapi_schema
+
+    api.openapi = openapi
+    return api
+
+
+@serve.deployment
+@serve.ingress()
+class Ingress:
+    """The ingress deployment; its FastAPI app is built after the constructor (`__serve_build_asgi_app__`)."""
+
+    def __init__(self, generators: dict[str, Any], scorer: Optional[Any], *, cards: list[dict], imports: list[str],
+                 default_model: str, max_n: int, request_timeout_s: float, reranking: str):
+        from raygen.serving.loading import import_modules
+
+        import_modules(imports)  # the families of the served models: their params classes check requests here
+        self.front = Frontend(generators, scorer, cards=cards, default_model=default_model, max_n=max_n,
+                              request_timeout_s=request_timeout_s, reranking=reranking)
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return make_api(self.front)

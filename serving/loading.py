@@ -58,48 +58,75 @@ def default_name(loaded) -> str:
     return loaded.meta.get("name") or getattr(loaded.spec, "name", None) or loaded.meta.get("family", "model")
 
 
-def _type_name(typ: Any) -> str:
-    return typ.__name__ if isinstance(typ, type) else str(typ)
+def condition_schema(kind, info) -> dict[str, Any]:
+    """The JSON schema of a condition value for one model: the kind's own schema,
+    narrowed to this model's data where the data says more (class names and
+    count, scene fields)."""
+    if kind.name == "label" and info.num_classes:
+        index = {"type": "integer", "minimum": 0, "maximum": info.num_classes - 1}
+        if info.class_names:
+            return {"anyOf": [index, {"type": "string", "enum": list(info.class_names)}],
+                    "description": kind.description}
+        return {**index, "description": kind.description}
+    if kind.name == "scene":
+        objects = info.condition_columns.get(getattr(kind, "objects_column", "scene"))
+        if objects and objects.get("fields"):
+            def row(fields):
+                return {"type": "object", "additionalProperties": False, "required": list(fields),
+                        "properties": {f: {"type": "number"} for f in fields}}
+            schema = {"type": "object", "additionalProperties": False, "required": ["objects"],
+                      "description": kind.description,
+                      "properties": {"objects": {"type": "array", "items": row(objects["fields"]), "minItems": 1}}}
+            if objects.get("max_len"):
+                schema["properties"]["objects"]["maxItems"] = int(objects["max_len"])
+            globals_ = info.condition_columns.get(getattr(kind, "globals_column", "scene_globals"))
+            if globals_ and globals_.get("fields"):
+                schema["properties"]["globals"] = row(globals_["fields"])
+                schema["required"].append("globals")
+            return schema
+    return {**kind.json_schema, "description": kind.description}
 
 
-def conditioning_of(model, info) -> str:
-    """"label", "caption" or "none": what `sample` conditions on.
+def model_card(loaded, *, name: str) -> dict[str, Any]:
+    """What a server knows about one model before any replica starts: `/v1/models`
+    shows it, the OpenAPI schema and the playground are generated from it, and
+    request validation checks against it. JSON only (it travels to the ingress).
 
-    Trusted in this order: a `conditioning` the family set on its class or
-    instance (the base class default says nothing), the family config's
-    `conditioning`, and last a guess from the data the model was trained on.
-    """
-    from raygen.models.base import Generator
+    Refuses, with one line, a model the server cannot sample from (a scorer such
+    as `clip`) and sampling parameters whose names clash with request fields."""
+    from raygen.models import Capability, require
+    from raygen.models.conditions import condition_fields, get_kind
+    from raygen.serving.schema import COMMON_FIELDS
 
-    valid = ("none", "label", "caption")
-    own = vars(model).get("conditioning", type(model).__dict__.get("conditioning"))
-    if own is None and type(model).conditioning is not getattr(Generator, "conditioning", None):
-        own = type(model).conditioning  # set on an intermediate base class
-    if own in valid:
-        return own
-    configured = getattr(getattr(model, "config", None), "conditioning", None)
-    if configured in valid:
-        return configured
-    return "caption" if info.has_captions else ("label" if info.num_classes else "none")
-
-
-def describe(loaded, *, name: str, device: str, replicas: int) -> dict[str, Any]:
-    """What /v1/models shows and what request validation checks against."""
-    info = loaded.data_info
-    model = loaded.model
-    options = {key: {"type": _type_name(typ), "default": default, "help": help_}
-               for key, (typ, default, help_) in (getattr(model, "sampling_options", None) or {}).items()}
+    model, info = loaded.model, loaded.data_info
+    if not getattr(model, "model_name", None):
+        model.model_name = name  # so a CapabilityError names the model as the user called it
+    require(model, Capability.SAMPLE)
+    kind = get_kind(model.condition_kind)
+    params_cls = model.sampling_params
+    reserved = set(COMMON_FIELDS) | set(condition_fields())
+    clash = sorted(set(params_cls.model_fields) & reserved)
+    if clash:
+        raise ValueError(f"model {name!r} (family {model.family}): sampling parameter {clash[0]!r} has the name of "
+                         f"a request field; rename it in {params_cls.__name__}")
     run_id = loaded.meta.get("run_id")
     return {
         "name": name,
-        "family": loaded.meta.get("family") or loaded.spec.model.family,
+        "family": model.family,
+        "capabilities": sorted(c.value for c in model.capabilities),
+        "condition": {"kind": kind.name, "field": kind.field or None, "description": kind.description,
+                      "schema": condition_schema(kind, info) if kind.field else None},
+        "params": params_cls.model_json_schema(),
         "run_id": str(run_id) if run_id is not None else None,
         "source": loaded.source,
-        "conditioning": conditioning_of(model, info),
-        "data": {"resolution": info.resolution, "channels": info.channels, "num_classes": info.num_classes,
-                 "class_names": list(info.class_names), "has_captions": info.has_captions},
-        "sampling_options": options,
-        "device": device,
         "parameters": sum(p.numel() for p in model.parameters()),
-        "replicas": replicas,
+        "data": info.to_dict(),
     }
+
+
+def summary(card: dict[str, Any]) -> str:
+    """One line about a model for the CLI banner."""
+    data, kind = card["data"], card["condition"]["kind"]
+    cond = {"none": "unconditional", "label": f"{data['num_classes']} classes"}.get(kind, f"{kind}-conditional")
+    run = f", run {card['run_id']}" if card["run_id"] else ""
+    return f"{card['family']}, {data['height']}x{data['width']}x{data['channels']}, {cond}{run}"

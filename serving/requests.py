@@ -1,17 +1,20 @@
-"""Turn a validated `GenerateRequest` into a plan for one model, or a 4xx.
+"""Turn a generate request's JSON body into a plan for one model, or a 4xx.
 
-Pure Python (no Ray, no torch) so every rule here is tested without a server.
+No Ray and no server: every rule here is tested in plain Python. The rules
+come from the model's own types: its condition kind checks the condition
+field (`ConditionKind.parse`, e.g. the one case-insensitive label parser) and
+its family's `SamplingParams` check the sampling parameters (`parse_params`).
 Each rejection names the field and what would be accepted.
 """
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from raygen.serving.schema import GenerateRequest
+from pydantic import ValidationError
 
-_TYPES = {"int": int, "float": float, "bool": bool, "str": str}
+from raygen.serving.schema import MAX_SEED, GenerateCommon
 
 
 class RequestError(Exception):
@@ -25,16 +28,38 @@ class RequestError(Exception):
 
 
 @dataclass(frozen=True)
+class ServedModel:
+    """A served model as request validation sees it: its card (`loading.model_card`)
+    and the typed objects the card names."""
+    card: dict
+    data_info: Any               # raygen.models.DataInfo
+    kind: Any                    # raygen.models.conditions.ConditionKind
+    params_cls: type             # the family's SamplingParams subclass
+
+    @property
+    def name(self) -> str:
+        return self.card["name"]
+
+    @classmethod
+    def from_card(cls, card: dict, params_cls: type | None = None) -> "ServedModel":
+        """`params_cls` defaults to the registered family's (its module must be imported)."""
+        from raygen.models import DataInfo, get_family
+        from raygen.models.conditions import get_kind
+
+        params_cls = params_cls or get_family(card["family"]).sampling_params
+        return cls(card=card, data_info=DataInfo.from_dict(card["data"]), kind=get_kind(card["condition"]["kind"]),
+                   params_cls=params_cls)
+
+
+@dataclass(frozen=True)
 class SampleJob:
-    """What a generator replica runs for one request."""
+    """What a generator replica runs for one request: n images, image i with
+    seed `seed + i`, all with one condition value and one set of params."""
     n: int
     seed: int
-    label: int | None = None
-    caption: str | None = None
-    options: dict[str, Any] = field(default_factory=dict)
-
-    def options_key(self) -> tuple:
-        return tuple(sorted(self.options.items()))
+    kind: str
+    condition: Any               # the parsed condition value (None: unconditioned)
+    params: dict[str, Any]       # validated sampling params, as JSON values
 
 
 @dataclass(frozen=True)
@@ -51,78 +76,91 @@ def _show(names: list[str], limit: int = 12) -> str:
     return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
 
 
-def pick_model(req: GenerateRequest, infos: dict[str, dict], default: str) -> dict:
-    name = req.model or default
-    if name not in infos:
-        raise RequestError(f"unknown model {name!r}; served models: {_show(list(infos))}", "model", 404)
-    return infos[name]
+def _common(body: dict) -> GenerateCommon:
+    values = {k: v for k, v in body.items() if k in GenerateCommon.model_fields}
+    try:
+        return GenerateCommon.model_validate(values)
+    except ValidationError as err:
+        first = err.errors()[0]
+        field = str(first["loc"][0]) if first["loc"] else None
+        message = f"{field}: {first['msg']}"
+        if "input" in first and not isinstance(first["input"], (dict, list)) and first["type"] != "missing":
+            message += f" (got {first['input']!r})"
+        raise RequestError(message, field) from None
 
 
-def resolve_label(value: int | str | None, info: dict) -> int | None:
-    if value is None:
-        return None
-    data = info["data"]
-    num, names = data["num_classes"], data["class_names"]
-    if info["conditioning"] != "label" or num == 0:
-        hint = "use 'caption' instead" if info["conditioning"] == "caption" else "leave 'label' out"
-        kind = "conditions on captions, not labels" if info["conditioning"] == "caption" else "is unconditional"
-        raise RequestError(f"model {info['name']!r} {kind} and takes no label; {hint}", "label")
-    if isinstance(value, str):
-        if value in names:
-            return names.index(value)
-        lowered = [n.lower() for n in names]
-        if value.lower() in lowered:
-            return lowered.index(value.lower())
-        accepted = f"a class name ({_show(names)}) or " if names else ""
-        raise RequestError(f"unknown label {value!r}; give {accepted}an integer 0..{num - 1}", "label")
-    if not 0 <= value < num:
-        raise RequestError(f"label {value} is out of range; this model has {num} classes (0..{num - 1})", "label")
-    return value
+def pick_model(name: str | None, models: dict[str, ServedModel], default: str) -> ServedModel:
+    name = name or default
+    if name not in models:
+        raise RequestError(f"unknown model {name!r}; served models: {_show(list(models))}", "model", 404)
+    return models[name]
 
 
-def check_option(name: str, value: Any, spec: dict) -> Any:
-    """Check one sampling option against its declared (type, default, help)."""
-    typ = _TYPES.get(spec["type"])
-    if typ is None:  # a type the API cannot describe: let the model judge it
-        return value
-    ok = isinstance(value, typ) and not (typ is not bool and isinstance(value, bool))
-    if typ is float and isinstance(value, int) and not isinstance(value, bool):
-        ok, value = True, float(value)
-    if not ok:
-        raise RequestError(f"{name} must be of type {spec['type']} (default {spec.get('default')!r}), "
-                           f"got {type(value).__name__} {value!r}", name)
-    return value
+def parse_condition(model: ServedModel, given: dict[str, Any]) -> Any:
+    """The one condition value of a request, parsed by the model's condition kind.
+
+    `given` maps the condition fields the client sent (label, caption, scene,
+    image) to their values; a field of another kind is refused."""
+    from raygen.models import ConditionError
+
+    kind, name = model.kind, model.name
+    for field in given:
+        if field != kind.field:
+            if kind.name == "none":
+                raise RequestError(f"model {name!r} is unconditional and takes no {field}; leave {field!r} out", field)
+            raise RequestError(f"model {name!r} conditions on {kind.field}s, not {field}s; leave {field!r} out "
+                               f"and use {kind.field!r}", field)
+    value = given.get(kind.field) if kind.field else None
+    try:
+        if value is None:
+            kind.columns([None], model.data_info)  # kinds that cannot go without a value say so here
+            return None
+        return kind.parse(value, model.data_info)
+    except ConditionError as err:
+        raise RequestError(err.message, err.field) from None
 
 
-def resolve(req: GenerateRequest, infos: dict[str, dict], *, default_model: str, max_n: int,
+def parse_sampling(model: ServedModel, values: dict[str, Any]) -> dict[str, Any]:
+    """Validated sampling params (JSON values, defaults filled in), checked by the family's own type."""
+    from raygen.models import SamplingParamsError, parse_params
+
+    accepted = list(model.params_cls.model_fields)
+    for key in values:
+        if key not in accepted:
+            takes = f"its sampling parameters are {', '.join(accepted)}" if accepted else \
+                "it takes no sampling parameters"
+            raise RequestError(f"unknown field {key!r} for model {model.name!r}: {takes}; the common fields are "
+                               f"{', '.join(GenerateCommon.model_fields)}"
+                               + (f", and {model.kind.field!r}" if model.kind.field else ""), key)
+    try:
+        params = parse_params(model.params_cls, values, strict=True)
+    except SamplingParamsError as err:
+        raise RequestError(err.message, err.field) from None
+    return params.model_dump(mode="json")
+
+
+def resolve(body: Any, models: dict[str, ServedModel], *, default_model: str, max_n: int,
             reranking: str, rng_seed: int | None = None) -> Plan:
-    """`reranking` is "ready", "off" (no --scorer) or "unavailable" (scorer asked for, not loadable)."""
-    info = pick_model(req, infos, default_model)
-    data = info["data"]
+    """`body` is the parsed JSON. `reranking` is "ready", "off" (no --scorer) or
+    "unavailable" (scorer asked for, not loadable)."""
+    from raygen.models.conditions import condition_fields
 
-    # model-specific sampling options: every extra field must be one the model declares
-    declared = info["sampling_options"]
-    options = {}
-    for key, value in req.sampling_values().items():
-        if key not in declared:
-            accepted = f"; sampling options of {info['name']!r}: {', '.join(declared)}" if declared else \
-                f"; {info['name']!r} takes no sampling options"
-            raise RequestError(f"unknown field {key!r}{accepted}", key)
-        options[key] = check_option(key, value, declared[key])
+    if not isinstance(body, dict):
+        raise RequestError(f"the body must be a JSON object of request fields, got {type(body).__name__}", "body")
+    req = _common(body)
+    model = pick_model(req.model, models, default_model)
+    cond_fields = condition_fields()
+    given = {k: v for k, v in body.items() if k in cond_fields and v is not None}
+    extras = {k: v for k, v in body.items() if k not in GenerateCommon.model_fields and k not in cond_fields}
 
     n = req.n if req.n is not None else 1
     if n > max_n:
         raise RequestError(f"n must be between 1 and {max_n} (serve.max_n), got {n}", "n")
-
-    label = resolve_label(req.label, info)
-
-    takes_text = info["conditioning"] == "caption"
-    caption = req.caption
-    if caption is not None and not takes_text:
-        raise RequestError(f"model {info['name']!r} does not condition on captions; leave 'caption' out"
-                           + (" and use 'label'" if info["conditioning"] == "label" else ""), "caption")
-    if caption is None and req.prompt is not None and takes_text:
-        caption = req.prompt
+    takes_text = model.kind.name == "caption"
+    if takes_text and "caption" not in given and req.prompt is not None:
+        given["caption"] = req.prompt
+    condition = parse_condition(model, given)
+    params = parse_sampling(model, extras)
 
     rerank_text = None
     keep = n
@@ -130,7 +168,7 @@ def resolve(req: GenerateRequest, infos: dict[str, dict], *, default_model: str,
         if req.k is not None:
             raise RequestError("k only applies with best_of; use n for the number of images", "k")
         if req.prompt is not None and not takes_text:
-            raise RequestError(f"model {info['name']!r} takes no text; 'prompt' is only used to rerank with best_of",
+            raise RequestError(f"model {model.name!r} takes no text; 'prompt' is only used to rerank with best_of",
                                "prompt")
     else:
         if reranking == "off":
@@ -145,9 +183,10 @@ def resolve(req: GenerateRequest, infos: dict[str, dict], *, default_model: str,
         keep = req.k if req.k is not None else n
         if keep > req.best_of:
             raise RequestError(f"cannot keep {keep} of best_of={req.best_of} candidates; k must be <= best_of", "k")
-        rerank_text = req.prompt or caption
-        if rerank_text is None and label is not None and data["class_names"]:
-            rerank_text = data["class_names"][label]
+        rerank_text = req.prompt or (condition if takes_text else None)
+        names = model.data_info.class_names
+        if rerank_text is None and model.kind.name == "label" and condition is not None and names:
+            rerank_text = names[condition]
         if rerank_text is None:
             raise RequestError("best_of needs text to score against: give 'prompt' (or 'caption', or a label of a "
                                "model with class names)", "prompt")
@@ -155,5 +194,8 @@ def resolve(req: GenerateRequest, infos: dict[str, dict], *, default_model: str,
 
     # a drawn seed stays below 2**31 so it is easy to copy back into a request
     seed = req.seed if req.seed is not None else (rng_seed if rng_seed is not None else secrets.randbelow(2**31))
-    job = SampleJob(n=n, seed=seed, label=label, caption=caption, options=options)
-    return Plan(model=info["name"], job=job, keep=keep, rerank_text=rerank_text, format=req.format)
+    if seed + n - 1 > MAX_SEED:
+        raise RequestError(f"seed must be at most {MAX_SEED - n + 1} for {n} images (image i uses seed+i), got {seed}",
+                           "seed")
+    job = SampleJob(n=n, seed=seed, kind=model.kind.name, condition=condition, params=params)
+    return Plan(model=model.name, job=job, keep=keep, rerank_text=rerank_text, format=req.format)

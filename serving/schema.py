@@ -1,11 +1,13 @@
-"""HTTP request and response bodies of the serving API.
+"""HTTP bodies of the serving API.
 
-Known fields are strict (no "4" for 4, no true for 1): a client that sends the
-wrong type hears about it instead of getting a silently coerced request.
-Extra top-level fields are allowed by the schema only so that each model's own
-sampling options (`Generator.sampling_options`) can be given flat beside the
-common ones; `raygen.serving.requests.resolve` rejects any extra field the
-chosen model does not accept.
+A generate request is the common fields below (`GenerateCommon`), plus the
+condition field of the chosen model's kind (`label`, `caption`, `scene` or
+`image`), plus that model's sampling parameters (its family's
+`SamplingParams`), all flat in one JSON object. The common fields are strict
+(no "4" for 4, no true for 1); the rest is checked by the model's own types
+(`raygen.serving.requests.resolve`). The OpenAPI schema of the request is
+generated per served model from the same types (`request_schemas`), so it
+documents every parameter with its type, range and default.
 """
 from __future__ import annotations
 
@@ -17,31 +19,32 @@ from pydantic import BaseModel, ConfigDict, Field
 MAX_SEED = 2**63 - 1
 
 
-class GenerateRequest(BaseModel):
-    model_config = ConfigDict(
-        extra="allow", strict=True,
-        json_schema_extra={"examples": [{"n": 4, "label": 3, "seed": 0},
-                                        {"n": 1, "caption": "a red circle", "seed": 7, "format": "png"},
-                                        {"best_of": 8, "k": 2, "prompt": "a red circle", "seed": 1}]})
+class GenerateCommon(BaseModel):
+    """The fields every model takes."""
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     n: int | None = Field(None, ge=1, description="images to return (1..serve.max_n); default 1")
     model: str | None = Field(None, min_length=1, description="model name from /v1/models; default: the first model")
-    label: int | str | None = Field(None, description="class index (0..num_classes-1) or class name, for class-conditional models")
-    caption: str | None = Field(None, min_length=1, max_length=2000, description="text condition, for models trained with captions")
     prompt: str | None = Field(None, min_length=1, max_length=2000,
-                               description="text for best_of reranking; also the caption when no caption is given and the model takes captions")
-    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="same seed, same images; default: a random seed, returned in the response")
-    format: Literal["base64", "png"] = Field("base64", description="base64: JSON with base64 PNGs; png: one image/png (a grid when more than one)")
-    best_of: int | None = Field(None, ge=1, description="generate this many candidates and keep the k best by CLIP score (needs --scorer)")
+                               description="text for best_of reranking; also the caption when no caption is given "
+                                           "and the model takes captions")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED,
+                             description="image i uses seed+i: same seed, same images; default: a random seed, "
+                                         "returned in the response")
+    format: Literal["base64", "png"] = Field("base64", description="base64: JSON with base64 PNGs; png: one "
+                                                                   "image/png (a grid when more than one)")
+    best_of: int | None = Field(None, ge=1, description="generate this many candidates and keep the k best by CLIP "
+                                                        "score (needs --scorer)")
     k: int | None = Field(None, ge=1, description="with best_of: how many to return; default n")
 
-    def sampling_values(self) -> dict[str, Any]:
-        """The extra (model-specific) fields the client sent."""
-        return dict(self.model_extra or {})
+
+#: the fields every model takes; the condition field and the model's sampling parameters come on top
+COMMON_FIELDS = tuple(GenerateCommon.model_fields)
 
 
 class ImageOut(BaseModel):
     png_base64: str
+    seed: int = Field(description="this image's own seed: a request with n=1 and this seed draws it again")
     score: float | None = Field(None, description="CLIP score against the prompt when reranked, else null")
 
 
@@ -49,7 +52,7 @@ class GenerateResponse(BaseModel):
     model: str
     run_id: str | None
     images: list[ImageOut]
-    seed: int
+    seed: int = Field(description="the request's seed (image i of the candidates used seed+i)")
     elapsed_ms: float
 
 
@@ -58,29 +61,25 @@ class ErrorBody(BaseModel):
     field: str | None = None
 
 
-class SamplingOptionInfo(BaseModel):
-    type: str
-    default: Any = None
-    help: str = ""
-
-
-class DataInfoOut(BaseModel):
-    resolution: int
-    channels: int
-    num_classes: int
-    class_names: list[str]
-    has_captions: bool
+class ConditionInfo(BaseModel):
+    kind: str = Field(description="none, label, caption, scene or image")
+    field: str | None = Field(description="the request field that carries it (null: unconditional)")
+    description: str
+    schema_: dict[str, Any] | None = Field(alias="schema", description="JSON schema of the field's value")
 
 
 class ModelInfo(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
     name: str
     family: str
+    capabilities: list[str]
+    condition: ConditionInfo
+    params: dict[str, Any] = Field(description="JSON schema of the model's sampling parameters")
     run_id: str | None
     source: str
-    conditioning: Literal["none", "label", "caption"] = Field(
-        description="what generate accepts: label (class index or name), caption (text), or neither")
-    data: DataInfoOut
-    sampling_options: dict[str, SamplingOptionInfo]
+    data: dict[str, Any] = Field(description="channels, height, width, resolution, num_classes, class_names, "
+                                             "has_captions, condition_columns")
     device: str
     parameters: int
     replicas: int
@@ -97,3 +96,65 @@ class HealthResponse(BaseModel):
     status: Literal["ok"]
     models: list[str]
     reranking: Literal["ready", "off", "unavailable"]
+
+
+def _component(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
+
+
+def request_schemas(cards: list[dict[str, Any]], *, default_model: str, max_n: int,
+                    reranking: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The request body's JSON schema (anyOf one schema per model) and the
+    components it refers to, for the OpenAPI document.
+
+    Each model's schema holds the common fields (n and best_of capped at
+    max_n), its condition field and its sampling parameters, and no other
+    field. `model` may be left out for the default model only. best_of and k
+    appear only when reranking is ready."""
+    common = GenerateCommon.model_json_schema()["properties"]
+    common["n"] = {**common["n"], "anyOf": [{"type": "integer", "minimum": 1, "maximum": max_n}, {"type": "null"}]}
+    common["best_of"] = {**common["best_of"],
+                         "anyOf": [{"type": "integer", "minimum": 1, "maximum": max_n}, {"type": "null"}]}
+    components: dict[str, Any] = {}
+    branches = []
+    for card in cards:
+        name = card["name"]
+        params = dict(card["params"])
+        prefix = f"{_component(card['family'])}."
+        for def_name, def_schema in params.pop("$defs", {}).items():
+            components[prefix + def_name] = def_schema
+        params_props = _rewrite_refs(params.get("properties", {}), prefix)
+        props = {k: dict(v) for k, v in common.items()}
+        props["model"] = {"const": name, "description": common["model"]["description"]}
+        takes_text = card["condition"]["kind"] == "caption"
+        if reranking != "ready":
+            props.pop("best_of"), props.pop("k")
+            if not takes_text:
+                props.pop("prompt")
+        cond = card["condition"]
+        if cond["field"]:
+            props[cond["field"]] = cond["schema"]
+        props.update(params_props)
+        schema: dict[str, Any] = {"title": f"GenerateRequest[{name}]", "type": "object",
+                                  "additionalProperties": False, "properties": props,
+                                  "description": f"a request for model {name!r} ({card['family']}, conditioned on "
+                                                 f"{cond['kind']})"}
+        if name != default_model:
+            schema["required"] = ["model"]
+        if reranking == "ready":
+            schema["dependentRequired"] = {"k": ["best_of"], **({} if takes_text else {"prompt": ["best_of"]})}
+        key = f"GenerateRequest.{_component(name)}"
+        components[key] = schema
+        branches.append({"$ref": f"#/components/schemas/{key}"})
+    return {"anyOf": branches} if len(branches) > 1 else branches[0], components
+
+
+def _rewrite_refs(node: Any, prefix: str) -> Any:
+    """Point pydantic's `#/$defs/X` references at `#/components/schemas/<prefix>X`."""
+    if isinstance(node, dict):
+        return {k: (f"#/components/schemas/{prefix}{v.rsplit('/', 1)[-1]}"
+                    if k == "$ref" and isinstance(v, str) and v.startswith("#/$defs/") else _rewrite_refs(v, prefix))
+                for k, v in node.items()}
+    if isinstance(node, list):
+        return [_rewrite_refs(v, prefix) for v in node]
+    return node

@@ -1,8 +1,10 @@
-"""A tiny denoising generator and an in-memory batch source for engine tests.
+"""Tiny models and an in-memory batch source for engine tests.
 
 The engine's properties (accumulation, exact resume, NaN guard) are tested
-without Ray on this small real model; its training step draws noise and uses
-dropout so that RNG state restore is exercised too.
+without Ray on a small real denoiser; its training step draws noise and uses
+dropout so that RNG state restore is exercised too. `ToyMeans` is fitted
+without gradients (capability 'fit'): running per-channel means of the
+pixels it is shown, over a random half of them, so the RNG matters there too.
 """
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ from torch import nn
 
 from raygen.models.base import DataInfo, Generator
 from raygen.models.registry import Family, register_family
+from raygen.models.sampling import check_generators, per_image_rand
+from raygen.models.sampling import per_image_rand
 
 
 class ToyConfig(BaseModel):
@@ -36,13 +40,15 @@ class ToyDenoiser(Generator):
         return {"loss": loss, "noise_level": torch.tensor(self.cfg.noise)}
 
     @torch.no_grad()
-    def sample(self, n, *, labels=None, captions=None, generator=None, **options):
+    def sample(self, conditions, params, generators):
         info = self.data_info
-        z = torch.rand(n, info.channels, info.resolution, info.resolution, generator=generator)
+        z = per_image_rand(generators, info.shape).to(self.net[0].weight.device)
         return self.net(z).clamp(0, 1)
 
 
-TOY = register_family(Family(name="toy", config_cls=ToyConfig, build=lambda cfg, info: ToyDenoiser(cfg, info),
+TOY = register_family(Family(name="toy", config_cls=ToyConfig, build=lambda cfg, info, components=None: ToyDenoiser(cfg, info),
+                             capabilities={"train", "sample"},
+                             debug=lambda: {"tiny": (ToyConfig(), DataInfo(channels=1, resolution=8))},
                              description="test-only denoiser"))
 INFO = DataInfo(channels=1, resolution=8)
 

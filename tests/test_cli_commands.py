@@ -78,7 +78,7 @@ def digits_model(tmp_path_factory):
     import torch
 
     from raygen.data import prepare_dataset
-    from raygen.models.io import export_generator
+    from raygen.exports import export_generator
     from raygen.models.registry import build_model
     from raygen.spec import parse_spec
 
@@ -90,7 +90,7 @@ def digits_model(tmp_path_factory):
         "run_dir": str(root / "runs"),
         "data": {"dataset": str(data_dir), "root": str(root), "resolution": 8, "channels": 1, "batch_size": 32},
         "model": {"family": "seqimg", "options": SEQ_OPTIONS},
-        "track": {"fid": {"fit_seconds": 2, "samples": 16}},
+        "track": {"fid": {"fit_steps": 20, "samples": 16}},
     })
     info = manifest.data_info(spec.data)
     assert (info.num_classes, info.resolution, info.channels) == (10, 8, 1)

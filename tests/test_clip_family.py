@@ -9,7 +9,8 @@ import torch.nn.functional as F
 import raygen.models.clip  # noqa: F401  (registers the family)
 from raygen.metrics import BestOfN, MetricsError, TrainedClipScorer, load_scorer
 from raygen.models.base import DataInfo
-from raygen.models.clip import ClipConfig, NotAGeneratorError
+from raygen.models import Capability, CapabilityError
+from raygen.models.clip import ClipConfig
 from raygen.models.registry import build_model, family_names
 
 COLORS = {"red": (1.0, 0.1, 0.1), "green": (0.1, 1.0, 0.1), "blue": (0.1, 0.1, 1.0)}
@@ -31,9 +32,9 @@ def test_registered_with_config_and_debug_flavor():
     assert model.encode_image(torch.rand(2, 3, 8, 8)).shape == (2, 16)
     with pytest.raises(Exception, match="unknown_option"):
         build_model("clip", {"unknown_option": 1}, INFO)
-    assert model.is_scorer
-    with pytest.raises(NotAGeneratorError, match="scorer"):
-        model.sample(2)
+    assert model.capabilities == {Capability.TRAIN, Capability.SCORE}
+    with pytest.raises(CapabilityError, match="cannot sample images.*families that can: .*seqimg"):
+        model.generate(2)
 
 
 def test_loss_is_symmetric_infonce_for_distinct_captions():
@@ -93,7 +94,7 @@ def test_trained_clip_reranks_by_prompt(trained):
 
 
 def test_export_and_load_scorer(trained, tmp_path):
-    from raygen.models.io import export_generator
+    from raygen.exports import export_generator
     from raygen.spec import JobSpec
     spec = JobSpec.model_validate({"name": "clip-test", "model": {"family": "clip",
                                                                    "options": ClipConfig.debug().model_dump()}})
@@ -112,7 +113,7 @@ def test_clip_score_command(trained, tmp_path, capsys):
 
     from raygen.jobs.cli import main
     from raygen.metrics.imageio import write_image_folder
-    from raygen.models.io import export_generator
+    from raygen.exports import export_generator
     from raygen.spec import JobSpec
     spec = JobSpec.model_validate({"model": {"family": "clip", "options": ClipConfig.debug().model_dump()}})
     export_generator(tmp_path / "model", trained.state_dict(), spec, INFO)

@@ -36,7 +36,7 @@ def test_quickstart_train_track_serve(ray_session, workdir, capsys):
     code = main(["train", str(REPO / "jobs/specs/quickstart.yaml"),
                  "--set", "data.count=2000", "--set", "train.steps=8", "--set", "train.eval_every=4",
                  "--set", "train.checkpoint_every=4", "--set", "train.val_batches=1",
-                 "--set", "track.fid.samples=64", "--set", "track.fid.fit_seconds=3", "--set", "track.fid.every=4",
+                 "--set", "track.fid.samples=64", "--set", "track.fid.fit_steps=40", "--set", "track.fid.every=4",
                  "--set", "model.options.dim=32", "--set", "model.options.depth=1"])
     out = capsys.readouterr().out
     assert code == 0, out

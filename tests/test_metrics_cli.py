@@ -21,7 +21,7 @@ def digits(tmp_path_factory):
 
 def test_fit_features_then_fid_on_png_folders(digits, tmp_path, capsys):
     feat = tmp_path / "feat"
-    assert main(["metrics", "fit-features", str(digits), "--out", str(feat), "--max-steps", "40"]) == 0
+    assert main(["metrics", "fit-features", str(digits), "--out", str(feat), "--steps", "40"]) == 0
     assert "domain:" in capsys.readouterr().out
     assert (feat / "weights.safetensors").is_file() and (feat / "config.json").is_file()
 
@@ -46,7 +46,7 @@ def test_fid_with_domain_trains_into_the_cache(digits, tmp_path, capsys):
     val, _, _ = load_dataset_images(digits, "val")
     write_image_folder(val, tmp_path / "gen")
     args = ["metrics", "fid", "--generated", str(tmp_path / "gen"), "--reference", str(digits), "--extractor",
-            "domain", "--cache-dir", str(tmp_path / "cache"), "--fit-seconds", "1", "--kid-subsets", "5"]
+            "domain", "--cache-dir", str(tmp_path / "cache"), "--fit-steps", "10", "--kid-subsets", "5"]
     assert main(args) == 0
     first = json.loads(capsys.readouterr().out)
     assert main(args) == 0

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import raygen.metrics.domain as domain
-from raygen.metrics import (FIDEvaluator, MetricsError, ReferenceStats, compute_fid, dataset_checksum,
-                            fit_domain_features, get_dataset_extractor, load_extractor, reference_stats)
+from raygen.metrics import (FIDEvaluator, MetricsError, ReferenceStats, compute_fid, fid_floor, fit_domain_features,
+                            get_dataset_extractor, load_extractor, reference_stats)
 
 
 def make_patterns(n: int, seed: int, size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,7 +36,7 @@ def data():
 def fitted(data, tmp_path_factory):
     images, labels = data
     cache = tmp_path_factory.mktemp("domain-cache")
-    return fit_domain_features(images, labels, cache_dir=cache, max_seconds=120, max_steps=60, batch_size=32), cache
+    return fit_domain_features(images, labels, cache_dir=cache, steps=60, batch_size=32), cache
 
 
 def test_domain_features_learn_the_labels_and_are_stored_without_pickle(fitted):
@@ -67,8 +67,7 @@ def test_domain_extractor_reloads_by_path_and_by_id(fitted, data):
 
 def test_contrastive_objective_without_labels(data, tmp_path):
     no_labels = torch.full((256,), -1)  # what the dataset writer stores for "no label"
-    ext = fit_domain_features(data[0][:256], no_labels, out=tmp_path / "feat", max_seconds=120, max_steps=20,
-                              batch_size=32)
+    ext = fit_domain_features(data[0][:256], no_labels, out=tmp_path / "feat", steps=20, batch_size=32)
     assert ext.training["objective"] == "contrastive" and ext.training["steps"] == 20
     assert ext.path == tmp_path / "feat" and ext(data[0][:4]).shape == (4, 128)
 
@@ -117,25 +116,86 @@ def test_dataset_extractor_is_trained_once_then_reused(data, tmp_path, monkeypat
     images, labels = data
     images, labels = images[:300], labels[:300]
     fits = []
-    real_fit = domain.fit_domain_features
+    real_train = domain._train
 
-    def counting_fit(*args, **kwargs):
+    def counting_train(*args, **kwargs):
         fits.append(1)
-        return real_fit(*args, **kwargs)
+        return real_train(*args, **kwargs)
 
-    monkeypatch.setattr(domain, "fit_domain_features", counting_fit)
-    first = get_dataset_extractor("domain", "unused-dir", images, labels, tmp_path, max_seconds=60, max_steps=10,
-                                   batch_size=32)
-    second = get_dataset_extractor("domain", "unused-dir", images, labels, tmp_path)
+    monkeypatch.setattr(domain, "_train", counting_train)
+    first = get_dataset_extractor("domain", None, images, labels, tmp_path, steps=10, batch_size=32)
+    second = get_dataset_extractor("domain", None, images, labels, tmp_path, steps=10, batch_size=32)
     assert len(fits) == 1 and first.name == second.name
-    index = json.loads((tmp_path / f"domain-data-{dataset_checksum(images, labels)}.json").read_text())
-    assert index["id"] == first.id
-    # another dataset trains its own
-    get_dataset_extractor("domain", None, images[:200], labels[:200], tmp_path, max_seconds=60, max_steps=10,
-                          batch_size=32)
-    assert len(fits) == 2
+    # the id is known before training: the cache folder is named by it
+    assert first.id == domain.domain_id(images, labels, steps=10, batch_size=32)
+    assert first.path == tmp_path / f"domain-{first.id}"
+    # another dataset, or another recipe, trains its own
+    get_dataset_extractor("domain", None, images[:200], labels[:200], tmp_path, steps=10, batch_size=32)
+    get_dataset_extractor("domain", None, images, labels, tmp_path, steps=11, batch_size=32)
+    assert len(fits) == 3 and len(list(tmp_path.glob("domain-*/config.json"))) == 3
     with pytest.raises(MetricsError, match="domain:PATH"):
         get_dataset_extractor("bogus", None, images, labels, tmp_path)
+    with pytest.raises(MetricsError, match="not both"):  # a dataset folder is always fit on its own images
+        get_dataset_extractor("domain", tmp_path, images, labels, tmp_path)
+
+
+def _weights(ext) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    return load_file(str(ext.path / "weights.safetensors"))
+
+
+def test_one_dataset_one_net_whatever_the_threads_or_the_cache(data, tmp_path):
+    """The fit is a function of the data and the recipe: same id, same bits, even when the
+    caller's process runs torch with another thread count."""
+    images, labels = data[0][:400], data[1][:400]
+    a = fit_domain_features(images, labels, cache_dir=tmp_path / "a", steps=15, batch_size=32)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2 if threads == 1 else 1)
+    try:
+        b = fit_domain_features(images.float() / 255, labels, cache_dir=tmp_path / "b", steps=15, batch_size=32)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.get_num_threads() == threads  # the fit's own thread count does not leak out
+    assert a.id == b.id and a.path != b.path
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    config = json.loads((a.path / "config.json").read_text())
+    assert config["recipe"]["fit"]["steps"] == 15 and len(config["weights_sha256"]) == 64
+    # one changed label, or one changed pixel, is another dataset: another id
+    relabelled = labels.clone()
+    relabelled[0] = (relabelled[0] + 1) % 4
+    repainted = images.clone()
+    repainted[0, 0, 0, 0] ^= 1
+    assert len({a.id, domain.domain_id(images, relabelled, steps=15, batch_size=32),
+                domain.domain_id(repainted, labels, steps=15, batch_size=32),
+                domain.domain_id(images, labels, steps=16, batch_size=32)}) == 4
+
+
+def test_time_budget_options_are_gone_with_a_pointer_to_steps(data, tmp_path):
+    with pytest.raises(MetricsError, match="steps=N"):
+        fit_domain_features(data[0][:64], data[1][:64], cache_dir=tmp_path, max_seconds=30)
+    with pytest.raises(MetricsError, match="steps=N"):
+        get_dataset_extractor("domain", None, data[0][:64], data[1][:64], tmp_path, max_steps=10)
+    with pytest.raises(MetricsError, match="unknown domain fit option"):
+        fit_domain_features(data[0][:64], None, cache_dir=tmp_path, stepz=10)
+
+
+def test_fid_floor_is_real_vs_real_and_cached_beside_the_reference(fitted, data, tmp_path, monkeypatch):
+    ext, _ = fitted
+    images, labels = data
+    val, _ = make_patterns(200, seed=5)
+    floor = fid_floor(images, val, ext, cache_dir=tmp_path)
+    # by definition: the first n train images (n = the reference's size) against the reference
+    assert floor == pytest.approx(compute_fid(images[:200], val, ext, kid_subsets=2)["fid"], rel=1e-9)
+    collapsed = compute_fid(images[labels == 0][:200], val, ext, kid_subsets=2)["fid"]
+    assert 0 < floor < collapsed / 5
+    assert len(list(tmp_path.glob("ref-*.safetensors"))) == 1 and len(list(tmp_path.glob("floor-*.json"))) == 1
+    calls = []
+    real_call = type(ext).__call__
+    monkeypatch.setattr(type(ext), "__call__", lambda self, x: calls.append(len(x)) or real_call(self, x))
+    stats = reference_stats(val, ext, cache_dir=tmp_path)
+    assert fid_floor(images, stats, ext, cache_dir=tmp_path) == floor and calls == []  # both read from disk
+    assert fid_floor(images[100:], stats, ext, cache_dir=tmp_path) != floor and calls == [200]  # other train images
 
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -150,8 +210,7 @@ def test_fashion_mnist_16px_domain_fid(tmp_path):
         labels = torch.from_numpy(np.frombuffer(f.read(), np.uint8, offset=8)[:3000].astype(np.int64))
     x = F.interpolate(torch.from_numpy(raw).float() / 255, size=(16, 16), mode="bilinear", antialias=True)
     images = torch.floor(x * 255 + 0.5).to(torch.uint8)
-    ext = get_dataset_extractor("domain", None, images[:2500], labels[:2500], tmp_path, max_seconds=120,
-                                max_steps=100, batch_size=64)
+    ext = get_dataset_extractor("domain", None, images[:2500], labels[:2500], tmp_path, steps=100, batch_size=64)
     assert ext.training["train_accuracy"] > 0.65
     real = compute_fid(images[2500:], images[:2500], ext, kid_subsets=10, kid_subset_size=250)
     blurred = F.avg_pool2d(images[2500:].float() / 255, 3, stride=1, padding=1)

@@ -42,8 +42,7 @@ def test_step_equals_forward(backbone):
 def _pair(model, **kw):
     out = []
     for use_cache in (True, False):
-        g = torch.Generator().manual_seed(7)
-        out.append(model.sample(3, labels=torch.tensor([0, 2, -1]), generator=g, use_cache=use_cache, **kw))
+        out.append(model.generate(condition=[0, 2, None], seed=7, use_cache=use_cache, **kw))
     return out
 
 
@@ -82,7 +81,7 @@ def test_cached_sampling_never_reruns_the_prefix(backbone, monkeypatch):
         raise AssertionError("cached sampling called the full forward pass")
 
     monkeypatch.setattr(Stack, "forward", forbidden)
-    images = model.sample(2, generator=torch.Generator().manual_seed(0))
+    images = model.generate(2, seed=0)
     assert images.shape == (2, 1, 8, 8)
 
 
@@ -105,7 +104,7 @@ def test_kv_cache_is_filled_one_key_per_patch():
 
 def test_same_seed_same_images_other_seed_other_images():
     model = _model("gpt2", dtype=torch.float32)
-    a = model.sample(2, generator=torch.Generator().manual_seed(3))
-    b = model.sample(2, generator=torch.Generator().manual_seed(3))
-    c = model.sample(2, generator=torch.Generator().manual_seed(4))
+    a = model.generate(2, seed=3)
+    b = model.generate(2, seed=3)
+    c = model.generate(2, seed=4)
     assert torch.equal(a, b) and not torch.equal(a, c)

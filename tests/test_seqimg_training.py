@@ -7,6 +7,8 @@ import math
 import pytest
 import torch
 
+from raygen.models import ConditionError, SamplingParamsError
+
 from raygen.models.base import DataInfo
 from raygen.models.seqimg import BACKBONES, SeqImgConfig, build_seqimg
 
@@ -95,7 +97,7 @@ def test_label_conditioning_is_learned():
     dark, bright = torch.full((4, 1, 8, 8), 0.1), torch.full((4, 1, 8, 8), 0.9)
     batch = {"image": torch.cat([dark, bright]), "label": torch.tensor([0] * 4 + [1] * 4)}
     _train(model, batch, steps=60, lr=1e-2)
-    out = model.sample(2, labels=torch.tensor([0, 1]), temperature=0.0)
+    out = model.generate(condition=[0, 1], temperature=0.0)
     assert out[0].mean() < 0.3 and out[1].mean() > 0.7
 
 
@@ -105,7 +107,7 @@ def test_caption_conditioning_is_learned():
     dark, bright = torch.full((4, 1, 8, 8), 0.1), torch.full((4, 1, 8, 8), 0.9)
     batch = {"image": torch.cat([dark, bright]), "caption": ["a dark square"] * 4 + ["a bright square"] * 4}
     _train(model, batch, steps=80, lr=1e-2)
-    out = model.sample(2, captions=["a dark square", "a bright square"], temperature=0.0)
+    out = model.generate(condition=["a dark square", "a bright square"], temperature=0.0)
     assert out[0].mean() < 0.3 and out[1].mean() > 0.7
     assert any(n.startswith("condition.encoder.") and p.grad is not None for n, p in model.named_parameters())
 
@@ -148,16 +150,18 @@ def test_sample_contract():
     torch.manual_seed(0)
     model = build_seqimg(SeqImgConfig.debug(backbone="mingru", conditioning="label"), INFO)
     model.train()
-    images = model.sample(3, generator=torch.Generator().manual_seed(0), temperature=0.7, top_k=5)
+    images = model.generate(3, seed=0, temperature=0.7, top_k=5)
     assert images.shape == (3, 1, 8, 8) and images.dtype == torch.float32
     assert images.min() >= 0 and images.max() <= 1
     assert model.training  # mode restored
-    assert set(model.sampling_options) == {"temperature", "top_k", "use_cache"}
-    with pytest.raises(TypeError, match="top_k"):
-        model.sample(1, beam=3)
-    with pytest.raises(ValueError, match="labels must be in"):
-        model.sample(1, labels=torch.tensor([5]))
-    greedy = [model.sample(2, labels=torch.tensor([0, 1]), temperature=0.0) for _ in range(2)]
+    assert set(model.sampling_params.model_fields) == {"temperature", "top_k", "use_cache"}
+    with pytest.raises(SamplingParamsError, match="unknown sampling parameter 'beam'.*top_k"):
+        model.generate(1, beam=3)
+    with pytest.raises(SamplingParamsError, match="temperature"):
+        model.generate(1, temperature=-1)
+    with pytest.raises(ConditionError, match="label 5 is out of range"):
+        model.generate(1, condition=5)
+    greedy = [model.generate(condition=[0, 1], temperature=0.0) for _ in range(2)]
     assert torch.equal(*greedy)
 
 
@@ -165,7 +169,7 @@ def test_rgb_square_patches_round_trip_through_sampling():
     info = DataInfo(channels=3, resolution=8)
     model = build_seqimg(SeqImgConfig.debug(backbone="alibi", patch_mode="square", patch_size=4), info)
     assert model.seq_len == 4 and model.geometry.patch_dim == 48
-    assert model.sample(2).shape == (2, 3, 8, 8)
+    assert model.generate(2).shape == (2, 3, 8, 8)
 
 
 @pytest.mark.parametrize("backbone", sorted(BACKBONES))
@@ -188,4 +192,4 @@ def test_ema_tracks_every_backbone(backbone):
         assert torch.allclose(ema.state_dict()[name], before[name] + 0.5), name  # halfway to the moved weights
     fresh = build_seqimg(SeqImgConfig.debug(backbone=backbone), DataInfo(channels=1, resolution=8))
     ema.copy_to(fresh)
-    fresh.sample(2, generator=torch.Generator().manual_seed(0))
+    fresh.generate(2, seed=0)

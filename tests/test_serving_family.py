@@ -88,7 +88,7 @@ def export_toy(path, *, name: str, resolution: int = 16, channels: int = 3, num_
                class_names: list[str] | None = None, conditioning: str = "none", run_id: str | None = None,
                seed: int = 0) -> Path:
     """Build a seeded toy model and export it the way training does."""
-    from raygen.models.io import export_generator
+    from raygen.exports import export_generator
     from raygen.spec import parse_spec
 
     spec = parse_spec({"name": name, "data": {"resolution": resolution, "channels": channels},
@@ -130,7 +130,7 @@ def test_toy_samples_are_images_and_seeded():
 
 
 def test_toy_exports_and_loads(tmp_path):
-    from raygen.models.io import load_generator
+    from raygen.exports import load_generator
 
     path = export_toy(tmp_path / "m", name="toy", resolution=8, channels=1, run_id="r1")
     loaded = load_generator(str(path))

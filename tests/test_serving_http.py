@@ -34,7 +34,7 @@ def free_port() -> int:
 
 def export_seqimg(path):
     from raygen.models.base import DataInfo
-    from raygen.models.io import export_generator
+    from raygen.exports import export_generator
     from raygen.models.registry import build_model
     from raygen.spec import parse_spec
 

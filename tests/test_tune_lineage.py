@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from raygen.models.io import load_generator
+from raygen.exports import load_generator
 from raygen.spec import parse_spec
 from raygen.tracking.store import client
 from raygen.tune import run_tune
@@ -21,7 +21,7 @@ def test_tune_sweep_with_nested_mlflow_runs(ray_session, tmp_path):
                                                   "conditioning": "label"}},
         "train": {"steps": 6, "eval_every": 2, "checkpoint_every": 6, "val_batches": 1, "grid_samples": 4},
         "scale": {"workers": 1, "strategy": "ddp"},
-        "track": {"fid": {"samples": 32, "fit_seconds": 2}},
+        "track": {"fid": {"samples": 32, "fit_steps": 20}},
         "tune": {"space": {"train.optimizer.lr": {"loguniform": [1e-3, 1e-2]},
                            "model.options.backbone": {"grid": ["gpt2", "lstm"]}},
                  "num_samples": 1, "scheduler": {"name": "asha", "grace_period": 1}},
@@ -62,5 +62,5 @@ def test_tune_sweep_with_nested_mlflow_runs(ray_session, tmp_path):
     assert result.model_uri == "models:/sweep/1"
     loaded = load_generator(result.model_uri, result.tracking_uri)
     assert loaded.meta["run_id"] == parent.data.tags["raygen.best_run_id"]
-    images = loaded.model.sample(2, labels=None)
+    images = loaded.model.generate(2)
     assert images.shape == (2, 1, 8, 8) and 0 <= float(images.min()) and float(images.max()) <= 1

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from raygen.data.images import as_size
+
 
 def _gather(x: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     """out[b, :, i, j] = x[b, :, rows[b, i], cols[b, j]] in one indexing op."""
@@ -34,19 +36,22 @@ def random_shift(x: np.ndarray, rng: np.random.Generator, shift: int) -> np.ndar
     return _gather(xp, rows, cols)
 
 
-def random_crop(x: np.ndarray, rng: np.random.Generator, size: int) -> np.ndarray:
+def random_crop(x: np.ndarray, rng: np.random.Generator, size) -> np.ndarray:
+    """A random window of `size` (one int, or (height, width)) per image."""
+    ch, cw = as_size(size)
     B, _, H, W = x.shape
-    oy = rng.integers(0, H - size + 1, size=B)
-    ox = rng.integers(0, W - size + 1, size=B)
-    rows = oy[:, None] + np.arange(size)[None, :]
-    cols = ox[:, None] + np.arange(size)[None, :]
+    oy = rng.integers(0, H - ch + 1, size=B)
+    ox = rng.integers(0, W - cw + 1, size=B)
+    rows = oy[:, None] + np.arange(ch)[None, :]
+    cols = ox[:, None] + np.arange(cw)[None, :]
     return _gather(x, rows, cols)
 
 
-def center_crop(x: np.ndarray, size: int) -> np.ndarray:
+def center_crop(x: np.ndarray, size) -> np.ndarray:
+    ch, cw = as_size(size)
     H, W = x.shape[-2:]
-    top, left = (H - size) // 2, (W - size) // 2
-    return np.ascontiguousarray(x[..., top:top + size, left:left + size])
+    top, left = (H - ch) // 2, (W - cw) // 2
+    return np.ascontiguousarray(x[..., top:top + ch, left:left + cw])
 
 
 def augment_batch(x: np.ndarray, aug, rng: np.random.Generator) -> np.ndarray:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from raygen.data.errors import DataError
-from raygen.data.images import decode_batch
+from raygen.data.images import as_size, decode_batch, size_text
 from raygen.data.manifest import CORE_COLUMNS, ExtraColumn, Manifest
 
 #: columns the decoder adds beside the data: per-row status and message (see images.py)
@@ -16,17 +16,23 @@ STATUS, MESSAGE = "status", "message"
 
 @dataclass(frozen=True, kw_only=True)
 class DecodeParams:
-    stored_resolution: int
-    resolution: int
+    stored_size: tuple[int, int]   # (height, width) of the stored PNGs
+    size: tuple[int, int]          # (height, width) delivered
     channels: int
     bad_size_policy: str
     extra_columns: dict[str, ExtraColumn] = field(default_factory=dict)
 
     @classmethod
     def for_spec(cls, manifest: Manifest, data_spec) -> "DecodeParams":
-        return cls(stored_resolution=manifest.resolution, resolution=data_spec.resolution,
+        return cls(stored_size=manifest.size, size=as_size(data_spec.resolution),
                    channels=data_spec.channels, bad_size_policy=data_spec.bad_size_policy,
                    extra_columns=dict(manifest.extra_columns))
+
+    @classmethod
+    def stored(cls, manifest: Manifest) -> "DecodeParams":
+        """The images as stored: their own size and channels."""
+        return cls(stored_size=manifest.size, size=manifest.size, channels=manifest.channels,
+                   bad_size_policy="resize", extra_columns=dict(manifest.extra_columns))
 
     @property
     def read_columns(self) -> list[str]:
@@ -56,8 +62,8 @@ def decode_table(table, params: DecodeParams) -> dict[str, np.ndarray]:
     """A pyarrow table of shard rows -> numpy columns:
     image uint8 [B,C,H,W], label, caption, index, status, message, extras."""
     images, status, messages = decode_batch(table.column("png"),
-                                            stored_resolution=params.stored_resolution,
-                                            resolution=params.resolution, channels=params.channels,
+                                            stored_resolution=params.stored_size,
+                                            resolution=params.size, channels=params.channels,
                                             bad_size_policy=params.bad_size_policy)
     out = {
         "image": images,
@@ -74,9 +80,10 @@ def decode_table(table, params: DecodeParams) -> dict[str, np.ndarray]:
 
 def check_spec(manifest, data_spec) -> None:
     crop = data_spec.augment.crop
-    if crop and crop > data_spec.resolution:
-        raise DataError(f"data.augment.crop: {crop} is larger than data.resolution {data_spec.resolution}; "
-                        "use a crop size at most the resolution")
-    if data_spec.augment.shift and data_spec.augment.shift >= data_spec.resolution:
+    size = as_size(data_spec.resolution)
+    if crop and any(c > s for c, s in zip(as_size(crop), size)):
+        raise DataError(f"data.augment.crop: {crop} is larger than data.resolution {data_spec.resolution} "
+                        f"({size_text(crop)} vs {size_text(size)}); use a crop at most the resolution on each side")
+    if data_spec.augment.shift and data_spec.augment.shift >= min(size):
         raise DataError(f"data.augment.shift: {data_spec.augment.shift} must be smaller than data.resolution "
-                        f"{data_spec.resolution}")
+                        f"{data_spec.resolution}" + (" (its shorter side)" if size[0] != size[1] else ""))

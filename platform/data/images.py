@@ -1,7 +1,9 @@
 """Image helpers shared by the dataset builders, the Ray pipeline and the
 plain loader, so every path decodes, resizes and converts pixels the same way.
 
-Arrays are uint8; single images are HWC, batches are BCHW.
+Arrays are uint8; single images are HWC, batches are BCHW. A size is one
+int (a square) or (height, width), as `data.resolution` gives it; `as_size`
+turns either into (height, width).
 """
 from __future__ import annotations
 
@@ -21,6 +23,26 @@ def mode_for(channels: int) -> str:
     return _MODES[channels]
 
 
+def as_size(size) -> tuple[int, int]:
+    """One int (a square) or [height, width] -> (height, width)."""
+    if isinstance(size, (int, np.integer)):
+        return int(size), int(size)
+    h, w = size
+    return int(h), int(w)
+
+
+def spec_size(size) -> int | list[int]:
+    """(height, width) -> the way a spec writes it: one int when square."""
+    h, w = as_size(size)
+    return h if h == w else [h, w]
+
+
+def size_text(size) -> str:
+    """"16x16", or "12x20 (HxW)" for non-square sizes, so the order is never a guess."""
+    h, w = as_size(size)
+    return f"{h}x{w}" if h == w else f"{h}x{w} (HxW)"
+
+
 def to_pil(image: np.ndarray) -> Image.Image:
     """HxW or HxWxC (C in 1, 3) uint8 array -> PIL image."""
     arr = np.asarray(image)
@@ -31,20 +53,27 @@ def to_pil(image: np.ndarray) -> Image.Image:
     return Image.fromarray(arr)
 
 
-def fit_image(img: Image.Image, resolution: int, channels: int) -> Image.Image:
-    """Convert to the channel mode, centre-crop to a square and resize.
+def fit_image(img: Image.Image, resolution, channels: int) -> Image.Image:
+    """Convert to the channel mode, centre-crop to the target's aspect ratio
+    and resize to exactly `resolution` (one int, or (height, width)).
 
-    Centre-cropping keeps the aspect ratio of non-square photos instead of
-    squashing them; LANCZOS keeps downscaled detail (prepare time only).
+    Centre-cropping keeps the source's proportions instead of squashing
+    them; LANCZOS keeps downscaled detail (prepare time only).
     """
     img = img.convert(mode_for(channels))
+    th, tw = as_size(resolution)
     w, h = img.size
-    if w != h:
-        side = min(w, h)
-        left, top = (w - side) // 2, (h - side) // 2
-        img = img.crop((left, top, left + side, top + side))
-    if img.size != (resolution, resolution):
-        img = img.resize((resolution, resolution), Image.Resampling.LANCZOS)
+    # the largest centred box of aspect tw:th (integer maths: a square source
+    # for a square target stays whole, as before)
+    if w * th != h * tw:
+        if w * th > h * tw:   # too wide: keep the full height
+            cw, ch = max(1, round(h * tw / th)), h
+        else:                 # too tall: keep the full width
+            cw, ch = w, max(1, round(w * th / tw))
+        left, top = (w - cw) // 2, (h - ch) // 2
+        img = img.crop((left, top, left + cw, top + ch))
+    if img.size != (tw, th):
+        img = img.resize((tw, th), Image.Resampling.LANCZOS)
     return img
 
 
@@ -69,22 +98,25 @@ def to_channels_array(img: Image.Image, channels: int) -> np.ndarray:
     return arr[:, :, None] if arr.ndim == 2 else arr
 
 
-def resize_batch(x: np.ndarray, resolution: int) -> np.ndarray:
-    """Resize a uint8 BCHW batch in one vectorized call (bilinear, antialiased)."""
-    if x.shape[-1] == resolution and x.shape[-2] == resolution:
+def resize_batch(x: np.ndarray, resolution) -> np.ndarray:
+    """Resize a uint8 BCHW batch to `resolution` (one int or (height,
+    width)) in one vectorized call (bilinear, antialiased)."""
+    size = as_size(resolution)
+    if tuple(x.shape[-2:]) == size:
         return x
     import torch
     import torch.nn.functional as F
 
     t = torch.from_numpy(np.ascontiguousarray(x)).float()
-    t = F.interpolate(t, size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False)
+    t = F.interpolate(t, size=size, mode="bilinear", antialias=True, align_corners=False)
     return t.round_().clamp_(0, 255).to(torch.uint8).numpy()
 
 
-def center_crop_batch(x: np.ndarray, size: int) -> np.ndarray:
+def center_crop_batch(x: np.ndarray, size) -> np.ndarray:
+    ch, cw = as_size(size)
     h, w = x.shape[-2:]
-    top, left = (h - size) // 2, (w - size) // 2
-    return x[..., top:top + size, left:left + size]
+    top, left = (h - ch) // 2, (w - cw) // 2
+    return x[..., top:top + ch, left:left + cw]
 
 
 def _fast_png_decoder(channels: int):
@@ -125,10 +157,11 @@ def _binary_views(blobs) -> list[np.ndarray | None]:
     return [data[offsets[i]:offsets[i + 1]] if valid[i] else None for i in range(len(arr))]
 
 
-def decode_batch(blobs, *, stored_resolution: int, resolution: int, channels: int,
+def decode_batch(blobs, *, stored_resolution, resolution, channels: int,
                  bad_size_policy: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Decode a batch of PNG bytes (a list of bytes or a pyarrow binary
-    array) to uint8 [B, channels, resolution, resolution].
+    array) to uint8 [B, channels, H, W]; sizes are one int (square) or
+    (height, width).
 
     Returns (images, status, messages). A row that cannot be decoded gets a
     zero image, status CORRUPT and a message; an image whose size differs
@@ -140,8 +173,8 @@ def decode_batch(blobs, *, stored_resolution: int, resolution: int, channels: in
     import warnings
     views = _binary_views(blobs)
     n = len(views)
-    s = stored_resolution
-    stored = np.zeros((n, s, s, channels), dtype=np.uint8)
+    s = as_size(stored_resolution)
+    stored = np.zeros((n, *s, channels), dtype=np.uint8)
     status = np.zeros(n, dtype=np.int8)
     messages = [""] * n
     odd: dict[int, np.ndarray] = {}  # rows already brought to `resolution` one by one
@@ -160,23 +193,23 @@ def decode_batch(blobs, *, stored_resolution: int, resolution: int, channels: in
                     status[i] = CORRUPT
                     messages[i] = f"{type(err).__name__}: {err}"
                     continue
-                if img.size != (s, s):
+                if img.size[::-1] != s:
                     arr = None
                 else:
                     arr = to_channels_array(img, channels)
             else:
                 img = None
-            if arr is not None and arr.shape[:2] == (s, s):
+            if arr is not None and arr.shape[:2] == s:
                 stored[i] = arr
             elif bad_size_policy == "reject":
-                h, w = arr.shape[:2] if arr is not None else img.size[::-1]
+                hw = arr.shape[:2] if arr is not None else img.size[::-1]
                 status[i] = REJECTED_SIZE
-                messages[i] = f"size {w}x{h}, expected {s}x{s}"
+                messages[i] = f"size {size_text(hw)}, expected {size_text(s)}"
             else:
                 if img is None:
                     img = to_pil(arr)
                 status[i] = RESIZED
-                messages[i] = f"size {img.size[0]}x{img.size[1]} resized to {resolution}x{resolution}"
+                messages[i] = f"size {size_text(img.size[::-1])} resized to {size_text(resolution)}"
                 odd[i] = to_channels_array(fit_image(img, resolution, channels), channels)
     out = resize_batch(stored.transpose(0, 3, 1, 2), resolution)
     if odd:

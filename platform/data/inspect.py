@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from raygen.data.images import make_grid
+from raygen.data.images import make_grid, size_text
 from raygen.data.manifest import read_manifest
 
 
@@ -19,7 +19,7 @@ def summarize(dir: str | Path, *, examples: int = 6, verify: bool = False) -> li
     import pyarrow.parquet as pq
     m = read_manifest(dir, verify=verify)
     lines = [f"dataset: {m.name}  ({m.source})", f"folder: {m.path}  (schema v{m.schema_version})",
-             f"images: {m.resolution}x{m.resolution}, {m.channels} channel(s)"]
+             f"images: {size_text(m.size)}, {m.channels} channel(s)"]
     parts = []
     for split, info in m.splits.items():
         size = sum(s.bytes for s in info.shards)

@@ -10,7 +10,7 @@ import numpy as np
 
 from raygen.data.decode import MESSAGE, STATUS, DecodeParams, check_spec, decode_table
 from raygen.data.images import CORRUPT, REJECTED_SIZE
-from raygen.data.manifest import read_manifest
+from raygen.data.manifest import delivered_size, read_manifest
 
 log = logging.getLogger("raygen.data")
 
@@ -23,8 +23,7 @@ def iter_decoded(dir: str | Path, split: str, params: DecodeParams | None = None
     import pyarrow.parquet as pq
     m = read_manifest(dir)
     if params is None:
-        params = DecodeParams(stored_resolution=m.resolution, resolution=m.resolution, channels=m.channels,
-                              bad_size_policy="resize", extra_columns=dict(m.extra_columns))
+        params = DecodeParams.stored(m)
     seen = 0
     for path, info in zip(m.shard_paths(split), m.split(split).shards):
         for rb in pq.ParquetFile(path).iter_batches(batch_size=chunk, columns=params.read_columns):
@@ -65,8 +64,7 @@ def load_split_images(dir: str | Path, split: str, data_spec, limit: int | None 
         if len(cols["index"]):
             parts.append(cols)
     if not parts:
-        c, r = data_spec.channels, data_spec.augment.crop or data_spec.resolution
-        return {"image": torch.zeros(0, c, r, r), "label": torch.zeros(0, dtype=torch.int64), "caption": [],
+        return {"image": torch.zeros(0, data_spec.channels, *delivered_size(data_spec)), "label": torch.zeros(0, dtype=torch.int64), "caption": [],
                 "index": torch.zeros(0, dtype=torch.int64), "corrupt_count": bad}
     cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     x = np.ascontiguousarray(cols["image"])

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from raygen.data.errors import DataError
+from raygen.data.images import as_size
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -63,8 +64,11 @@ class SplitInfo:
 
 @dataclass(kw_only=True)
 class Manifest:
+    """`height` x `width`: the stored images' size (manifests before
+    non-square support stored only `resolution`, read as a square)."""
     name: str
-    resolution: int
+    height: int
+    width: int
     channels: int
     splits: dict[str, SplitInfo]
     num_classes: int = 0
@@ -77,6 +81,17 @@ class Manifest:
     path: Path | None = None  # where it was read from; not stored
 
     # ------------------------------------------------------------ views
+    @property
+    def size(self) -> tuple[int, int]:
+        """(height, width) of the stored images."""
+        return self.height, self.width
+
+    @property
+    def resolution(self) -> int | list[int]:
+        """The stored size as `data.resolution` writes it: one int when
+        square, else [height, width]."""
+        return self.height if self.height == self.width else [self.height, self.width]
+
     @property
     def counts(self) -> dict[str, int]:
         return {k: s.rows for k, s in self.splits.items()}
@@ -92,22 +107,27 @@ class Manifest:
         return self.splits[split]
 
     def data_info(self, data_spec):
-        """What the pipeline delivers for `data_spec`: its channels and
-        resolution (the crop size when training crops), and the labels."""
+        """What the pipeline delivers for `data_spec`: its channels, height
+        and width (the crop's when training crops), the labels, and the
+        per-record condition columns (the extra columns, as plain dicts:
+        kind, width, max_len, fields, description)."""
         from raygen.models.base import DataInfo
-        crop = data_spec.augment.crop
-        return DataInfo(channels=data_spec.channels, resolution=crop or data_spec.resolution,
+        h, w = delivered_size(data_spec)
+        return DataInfo(channels=data_spec.channels, height=h, width=w,
                         num_classes=self.num_classes, class_names=list(self.class_names),
-                        has_captions=self.has_captions)
+                        has_captions=self.has_captions,
+                        condition_columns={k: asdict(v) for k, v in self.extra_columns.items()})
 
     # ------------------------------------------------------------ (de)serialise
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("path")
         d["counts"] = self.counts
+        # `resolution` is kept beside height and width for readers of square datasets that predate them
+        d["resolution"] = self.resolution
         # key order fixed so the same dataset always gives the same bytes
-        order = ["schema_version", "name", "source", "resolution", "channels", "counts", "num_classes",
-                 "class_names", "has_captions", "extra_columns", "splits", "prepare"]
+        order = ["schema_version", "name", "source", "resolution", "height", "width", "channels", "counts",
+                 "num_classes", "class_names", "has_captions", "extra_columns", "splits", "prepare"]
         return {k: d[k] for k in order}
 
     def to_json(self) -> str:
@@ -119,7 +139,11 @@ class Manifest:
                                shards=[ShardInfo(**s) for s in v["shards"]])
                   for k, v in d["splits"].items()}
         extras = {k: ExtraColumn(**v) for k, v in d.get("extra_columns", {}).items()}
-        return cls(name=d["name"], resolution=int(d["resolution"]), channels=int(d["channels"]), splits=splits,
+        if "height" in d and "width" in d:
+            height, width = int(d["height"]), int(d["width"])
+        else:  # written before non-square images: one side
+            height = width = int(d["resolution"])
+        return cls(name=d["name"], height=height, width=width, channels=int(d["channels"]), splits=splits,
                    num_classes=int(d.get("num_classes", 0)), class_names=list(d.get("class_names", [])),
                    has_captions=bool(d.get("has_captions", False)), extra_columns=extras,
                    source=d.get("source", ""), prepare=d.get("prepare", {}),
@@ -136,6 +160,12 @@ class Manifest:
                 if p.stat().st_size != shard.bytes or sha256_file(p) != shard.sha256:
                     raise DataError(f"{p}: checksum does not match {MANIFEST_NAME} (file changed or damaged); "
                                     "prepare the dataset again")
+
+
+def delivered_size(data_spec) -> tuple[int, int]:
+    """(height, width) of the images a batch holds for `data_spec`: the
+    crop's when training crops, else data.resolution's."""
+    return as_size(data_spec.augment.crop or data_spec.resolution)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

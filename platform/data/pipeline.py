@@ -156,8 +156,8 @@ class ImageDataset(Dataset):
 
 def build_datasets(dir: str | Path, data_spec) -> dict[str, Dataset]:
     """{"train", "val"}: lazy Ray datasets of the prepared folder `dir`,
-    decoded, resized to `data_spec.resolution` and converted to
-    `data_spec.channels` (no augmentation). Columns: image uint8 [C,H,W],
+    decoded, resized to `data_spec.resolution` (one int, or [height, width])
+    and converted to `data_spec.channels` (no augmentation). Columns: image uint8 [C,H,W],
     label, caption, index, extras, and `status`/`message`: undecodable or
     rejected rows are zero-image placeholders that WorkerBatches drops and
     counts."""

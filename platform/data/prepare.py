@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from raygen.data.errors import DataError
-from raygen.data.images import decode_image, encode_png, fit_image, mode_for, to_pil
+from raygen.data.images import as_size, decode_image, encode_png, fit_image, mode_for, size_text, spec_size, to_pil
 from raygen.data.manifest import MANIFEST_NAME, SCHEMA_VERSION, Manifest, read_manifest
 from raygen.data.registry import PrepareRequest, get_builder, is_builtin
 from raygen.data.shards import DEFAULT_SHARD_BYTES, TMP_PREFIX, Record, ShardWriter, clear_dataset_dir, write_manifest
@@ -55,8 +55,16 @@ def detect_import(path: str) -> str | None:
 
 
 def _check_request(req: PrepareRequest) -> None:
-    if req.resolution is not None and not 4 <= req.resolution <= 1024:
-        raise DataError(f"resolution: {req.resolution} must be between 4 and 1024")
+    if req.resolution is not None:
+        res = req.resolution
+        pair = isinstance(res, (list, tuple))
+        sides = list(res) if pair else [res]
+        if (pair and len(sides) != 2) or any(isinstance(v, bool) or not isinstance(v, (int, np.integer))
+                                             for v in sides):
+            raise DataError(f"resolution: {res!r} must be one whole number (a square) or [height, width]")
+        if not all(4 <= v <= 1024 for v in sides):
+            raise DataError(f"resolution: {res} must be between 4 and 1024 on each side")
+        req.resolution = spec_size(sides[0] if not pair else sides)
     if req.channels is not None and req.channels not in (1, 3):
         raise DataError(f"channels: {req.channels} must be 1 or 3")
     if req.count is not None and req.count < 1:
@@ -69,10 +77,10 @@ class _Undecodable(Exception):
     pass
 
 
-def _png_for(rec: Record, resolution: int, channels: int) -> bytes:
-    """The record's image as PNG bytes at the dataset's size and mode.
-    Raises _Undecodable only for source bytes that cannot be decoded; any
-    other failure is a bug and propagates."""
+def _png_for(rec: Record, size: tuple[int, int], channels: int) -> bytes:
+    """The record's image as PNG bytes at the dataset's (height, width) and
+    mode. Raises _Undecodable only for source bytes that cannot be decoded;
+    any other failure is a bug and propagates."""
     image = rec.image
     if isinstance(image, (bytes, bytearray, memoryview)) or image is None:
         try:
@@ -82,26 +90,27 @@ def _png_for(rec: Record, resolution: int, channels: int) -> bytes:
             img = decode_image(data)
         except Exception as err:  # PIL raises many types for bad bytes
             raise _Undecodable(f"{type(err).__name__}: {err}") from None
-        if img.format == "PNG" and img.size == (resolution, resolution) and img.mode == mode_for(channels):
+        if img.format == "PNG" and img.size[::-1] == size and img.mode == mode_for(channels):
             return data  # already right: keep the original bytes
-        return encode_png(fit_image(img, resolution, channels))
+        return encode_png(fit_image(img, size, channels))
     if isinstance(image, Image.Image):
-        return encode_png(fit_image(image, resolution, channels))
+        return encode_png(fit_image(image, size, channels))
     arr = np.asarray(image)
-    if arr.shape[:2] == (resolution, resolution) and (arr.ndim == 2 and channels == 1 or
-                                                      arr.ndim == 3 and arr.shape[2] == channels):
+    if arr.shape[:2] == size and (arr.ndim == 2 and channels == 1 or arr.ndim == 3 and arr.shape[2] == channels):
         return encode_png(arr)
-    return encode_png(fit_image(to_pil(arr), resolution, channels))
+    return encode_png(fit_image(to_pil(arr), size, channels))
 
 
-def prepare_dataset(name_or_path: str, out: str | Path, *, resolution: int | None = None,
+def prepare_dataset(name_or_path: str, out: str | Path, *, resolution: int | list[int] | None = None,
                     channels: int | None = None, count: int | None = None, seed: int = 0,
                     val_fraction: float = 0.1, source: str | None = None,
                     shard_bytes: int = DEFAULT_SHARD_BYTES, **options: Any) -> Manifest:
     """Generate or import a dataset and write it to `out` as shards plus a
     manifest (written last). `name_or_path` is a built-in name
-    (`raygen data list`) or a path/glob to import; builder-specific
-    `options` (e.g. max_spheres=3) are checked by the builder."""
+    (`raygen data list`) or a path/glob to import; `resolution` is one int
+    (a square) or [height, width] (non-square: each image is centre-cropped
+    to that aspect ratio, then resized); builder-specific `options` (e.g.
+    max_spheres=3) are checked by the builder."""
     if is_builtin(name_or_path):
         name = name_or_path
     else:
@@ -123,6 +132,7 @@ def prepare_dataset(name_or_path: str, out: str | Path, *, resolution: int | Non
     req.channels = req.channels or builder.default_channels
     req.count = req.count or builder.default_count
     plan = builder.plan(req, opts)
+    size = as_size(plan.resolution)
 
     out = Path(out).expanduser()
     if req.source and Path(req.source).expanduser().exists():
@@ -133,11 +143,11 @@ def prepare_dataset(name_or_path: str, out: str | Path, *, resolution: int | Non
     splits, skipped_total = {}, 0
     for split in ("train", "val"):
         writer = ShardWriter(out, split, plan.extra_columns, max_bytes=shard_bytes,
-                             decoded_row_bytes=plan.resolution ** 2 * plan.channels)
+                             decoded_row_bytes=size[0] * size[1] * plan.channels)
         skipped = 0
         for rec in _progress(plan.records(split), plan.splits[split], f"{name} {split}"):
             try:
-                png = _png_for(rec, plan.resolution, plan.channels)
+                png = _png_for(rec, size, plan.channels)
             except _Undecodable as err:  # a damaged source image: skip it, say so
                 skipped += 1
                 if skipped <= 20:
@@ -148,10 +158,10 @@ def prepare_dataset(name_or_path: str, out: str | Path, *, resolution: int | Non
         skipped_total += skipped
     if splits["train"].rows == 0:
         raise DataError(f"{name}: no usable training images (skipped {skipped_total} undecodable); check the source")
-    prepare_info = {"dataset": name, "resolution": plan.resolution, "channels": plan.channels, "count": req.count,
+    prepare_info = {"dataset": name, "resolution": spec_size(size), "channels": plan.channels, "count": req.count,
                     "seed": seed, "val_fraction": val_fraction, "source": req.source,
                     "options": {k: v for k, v in vars(opts).items()}, "builder_version": builder.version}
-    manifest = Manifest(name=name, resolution=plan.resolution, channels=plan.channels, splits=splits,
+    manifest = Manifest(name=name, height=size[0], width=size[1], channels=plan.channels, splits=splits,
                         num_classes=len(plan.class_names), class_names=plan.class_names,
                         has_captions=plan.has_captions, extra_columns=plan.extra_columns,
                         source=plan.source, prepare=prepare_info, schema_version=SCHEMA_VERSION)
@@ -230,7 +240,7 @@ def ensure_dataset(data_spec) -> Path:
     with file_lock(root / f".{target.name}.lock"):
         if _usable(target):  # another process prepared it while we waited
             return target
-        print(f"raygen data: preparing {ds} ({data_spec.resolution}px, {data_spec.channels} channel(s), "
+        print(f"raygen data: preparing {ds} ({size_text(data_spec.resolution)} px, {data_spec.channels} channel(s), "
               f"seed {data_spec.seed}) into {target}", file=sys.stderr, flush=True)
         # Build in a private temp folder and rename it into place: the
         # target either does not exist or is complete.

@@ -10,6 +10,7 @@ from typing import Any, Callable, ClassVar, Iterator
 import numpy as np
 
 from raygen.data.errors import DataError
+from raygen.data.images import as_size
 from raygen.data.manifest import ExtraColumn
 from raygen.data.shards import Record
 
@@ -18,21 +19,28 @@ _BUILDERS: dict[str, type["DatasetBuilder"]] = {}
 
 @dataclass(kw_only=True)
 class PrepareRequest:
-    """The user's prepare options, before a builder fills in its defaults."""
-    resolution: int | None = None
+    """The user's prepare options, before a builder fills in its defaults.
+    `resolution` is one int (a square) or [height, width]; `size` gives
+    (height, width) once it is set."""
+    resolution: int | list[int] | None = None
     channels: int | None = None
     count: int | None = None
     seed: int = 0
     val_fraction: float = 0.1
     source: str | None = None
 
+    @property
+    def size(self) -> tuple[int, int]:
+        return as_size(self.resolution)
+
 
 @dataclass(kw_only=True)
 class SourcePlan:
     """What a builder will produce. `records(split)` yields the split's
     records in their final order; `splits` gives the expected row counts
-    (progress bars; imports may skip undecodable records)."""
-    resolution: int
+    (progress bars; imports may skip undecodable records). `resolution` is
+    one int (a square) or [height, width]; records are fitted to it."""
+    resolution: int | list[int]
     channels: int
     splits: dict[str, int]
     records: Callable[[str], Iterator[Record]]
@@ -40,6 +48,10 @@ class SourcePlan:
     has_captions: bool = False
     extra_columns: dict[str, ExtraColumn] = field(default_factory=dict)
     source: str = ""
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return as_size(self.resolution)
 
 
 class DatasetBuilder:

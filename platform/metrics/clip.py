@@ -184,10 +184,11 @@ def load_scorer(spec: str, *, device: str | torch.device = "cpu", tracking_uri: 
     if not arg.startswith(("models:/", "runs:/")) and not path.exists():
         raise MetricsError(f"scorer '{spec}' not found: use hf:PATH (a local CLIP folder) or clip:PATH (a model "
                            "trained with model.family: clip)")
-    import raygen.models.clip  # noqa: F401  (registers the family the folder's spec names)
-    from raygen.models.io import load_generator
+    from raygen.models import Capability, CapabilityError, require
+    from raygen.exports import load_generator
     loaded = load_generator(arg, tracking_uri=tracking_uri)
-    if loaded.spec.model.family != "clip":
-        raise MetricsError(f"{spec} is a '{loaded.spec.model.family}' model, not a scorer; give a model trained "
-                           "with model.family: clip, or hf:PATH for CLIP weights")
+    try:
+        require(loaded.model, Capability.SCORE)
+    except CapabilityError as err:
+        raise MetricsError(f"{spec}: {err}; or give hf:PATH for CLIP weights") from None
     return TrainedClipScorer(loaded.model, name=f"clip:{loaded.source}", device=device)

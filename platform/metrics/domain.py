@@ -4,13 +4,23 @@ Inception features suit natural photos at 299 px; for 16x16 grayscale data a
 small CNN trained on the data is both faster (FID in seconds, seed 003 lost 7-14
 minutes per evaluation) and more sensitive. Objective: classification when labels
 exist, else SimCLR-style contrastive learning over pixel shifts, flips, noise and
-brightness. Training is bounded by wall time and steps.
+brightness.
+
+FID is only comparable under one extractor, so the fit is a pure function of the
+data: a fixed number of steps (never a time budget: a loaded machine would
+train a different net), seeded initialisation and batch order, and one CPU
+thread (intra-op reductions then run in one order, so a rerun on one machine
+gives the same bits). A dataset folder is always fit on the same images:
+the first `FIT_IMAGES` of its train split (`fit_images`), whichever command asks.
 
 Stored as a folder (no pickle):
     domain-<id>/weights.safetensors   network weights
-    domain-<id>/config.json           architecture, preprocessing, training summary
-The id is a content hash of the weights and architecture, so "domain:<id>"
-names exactly one set of features, however long training ran.
+    domain-<id>/config.json           architecture, preprocessing, fit recipe, training summary
+The id hashes the recipe: the fit images and labels (content, not paths), the
+preprocessing, the architecture and the fit settings. It is known before
+training, so it is the cache key, and the same data gives the same id on any
+machine. `config.json` also records the weights' sha256 (`weights_sha256`), which
+is bitwise repeatable on one machine and may differ in the last bits across CPUs.
 """
 from __future__ import annotations
 
@@ -21,7 +31,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -29,13 +39,52 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from raygen.locks import file_lock
 from raygen.metrics.errors import MetricsError
 from raygen.metrics.extractors import TorchExtractor
 from raygen.metrics.preprocess import Preprocess
+from raygen.metrics.reference import dataset_checksum
 
 WEIGHTS = "weights.safetensors"
 CONFIG = "config.json"
 MAX_INPUT = 64  # larger datasets are shrunk to this side: keeps fitting within a minute on CPU
+FIT_IMAGES = 8192  # a dataset's net is fit on its first 8192 train images: enough for 10 classes, cheap to hash
+RECIPE_VERSION = 2  # bump when the training procedure changes: old ids then name the old procedure
+
+
+@dataclass(frozen=True, kw_only=True)
+class DomainFitConfig:
+    """How a domain feature net is fit; every field is part of its id."""
+    steps: int = 450        # quickstart (16 px, 8192 images): ~29 s on one thread, ~79% train accuracy
+    batch_size: int = 128
+    lr: float = 2e-3
+    width: int = 32
+    feature_dim: int = 128
+    seed: int = 0
+    threads: int = 1        # torch CPU threads during the fit: part of the recipe, since it changes the bits
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "width", "feature_dim", "threads"):
+            if getattr(self, name) < 1:
+                raise MetricsError(f"domain fit {name} must be at least 1 (got {getattr(self, name)})")
+        if self.feature_dim % 8 or self.width % 8:
+            raise MetricsError(f"domain fit width and feature_dim must be multiples of 8 for GroupNorm(8) "
+                               f"(got width {self.width}, feature_dim {self.feature_dim})")
+
+    @classmethod
+    def from_options(cls, **options) -> "DomainFitConfig":
+        """From keyword options, naming the replacement of the old time-budget options."""
+        for old in ("max_seconds", "fit_seconds"):
+            if old in options:
+                raise MetricsError(f"domain features are fit by a fixed step count, not a time budget: replace "
+                                   f"{old}={options[old]!r} with steps=N (default {cls().steps})")
+        if "max_steps" in options:
+            raise MetricsError(f"max_steps={options['max_steps']!r}: the option is now steps=N (default {cls().steps})")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise MetricsError(f"unknown domain fit option(s) {', '.join(unknown)}; use {', '.join(sorted(known))}")
+        return cls(**options)
 
 
 @dataclass(kw_only=True)
@@ -110,27 +159,32 @@ def _nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.2) -> to
     return F.cross_entropy(sim, target)
 
 
+def _weights_sha256(weights_path: Path) -> str:
+    return hashlib.sha256(weights_path.read_bytes()).hexdigest()
+
+
 def _content_id(weights_path: Path, arch: dict) -> str:
+    """Id of a net saved without a recipe (save_domain_net called directly)."""
     h = hashlib.sha256(weights_path.read_bytes())
     h.update(json.dumps(arch, sort_keys=True).encode())
     return h.hexdigest()[:16]
 
 
-def fit_domain_features(images: torch.Tensor, labels: torch.Tensor | None = None, *,
-                        out: str | Path | None = None, cache_dir: str | Path | None = None,
-                        max_seconds: float = 30.0, max_steps: int = 3000, batch_size: int = 128,
-                        lr: float = 2e-3, width: int = 32, feature_dim: int = 128, seed: int = 0,
-                        num_threads: int | None = None, dataset_checksum: str | None = None,
-                        log=None) -> TorchExtractor:
-    """Train a domain feature net on `images` ([N, C, H, W], float in [0, 1] or uint8)
-    and save it. `labels` ([N] long, or None) pick the objective: classification when
-    every image has a label >= 0, else contrastive. Saved to `out`, or
-    to `cache_dir/domain-<id>` (one of the two is required). Returns its extractor,
-    named "domain:<id>", with `.path` set. `num_threads` caps torch's CPU threads
-    while training (None: leave torch's setting); on a CPU shared with other busy
-    processes one thread can be several times faster than two."""
-    if out is None and cache_dir is None:
-        raise MetricsError("fit_domain_features needs out=FOLDER or cache_dir=FOLDER to store the feature net")
+@dataclass(kw_only=True)
+class _FitPlan:
+    data: torch.Tensor              # preprocessed images, float [N, C, S, S]
+    labels: torch.Tensor | None     # None: contrastive objective
+    arch: DomainNetConfig
+    prep: Preprocess
+    fit: DomainFitConfig
+    recipe: dict                    # everything the id hashes
+
+    @property
+    def id(self) -> str:
+        return hashlib.sha256(json.dumps(self.recipe, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _plan(images: torch.Tensor, labels, fit: DomainFitConfig) -> _FitPlan:
     if images.dim() != 4 or images.shape[0] < 8:
         raise MetricsError(f"need at least 8 images [N, C, H, W] to fit domain features (got shape {tuple(images.shape)})")
     n, c, h, w = images.shape
@@ -151,38 +205,71 @@ def fit_domain_features(images: torch.Tensor, labels: torch.Tensor | None = None
             num_classes = int(labels.max()) + 1
             if num_classes < 2:
                 labels, num_classes = None, 0  # one class teaches nothing: fall back to contrastive
-    cfg = DomainNetConfig(channels=c, input_size=size, width=width, feature_dim=feature_dim, num_classes=num_classes)
+    arch = DomainNetConfig(channels=c, input_size=size, width=fit.width, feature_dim=fit.feature_dim,
+                           num_classes=num_classes)
+    # the data part hashes the 8-bit pixels the net sees (Preprocess quantizes) and the labels it uses
+    recipe = {"version": RECIPE_VERSION, "data": dataset_checksum(images, labels), "images": n,
+              "preprocess": prep.key(), "arch": asdict(arch), "fit": asdict(fit)}
+    return _FitPlan(data=data, labels=labels, arch=arch, prep=prep, fit=fit, recipe=recipe)
 
+
+def domain_id(images: torch.Tensor, labels: torch.Tensor | None = None, **fit_options) -> str:
+    """The id `fit_domain_features` gives these images and labels, without training."""
+    return _plan(images, labels, DomainFitConfig.from_options(**fit_options)).id
+
+
+def fit_domain_features(images: torch.Tensor, labels: torch.Tensor | None = None, *,
+                        out: str | Path | None = None, cache_dir: str | Path | None = None,
+                        log=None, **fit_options) -> TorchExtractor:
+    """Train a domain feature net on `images` ([N, C, H, W], float in [0, 1] or uint8)
+    and save it. `labels` ([N] long, or None) pick the objective: classification when
+    every image has a label >= 0, else contrastive. `fit_options` are the fields
+    of `DomainFitConfig` (steps, batch_size, lr, width, feature_dim, seed, threads).
+
+    Saved to `out` (always trained), or to `cache_dir/domain-<id>`: there a net
+    with the same id is loaded instead of trained, and a file lock makes
+    concurrent callers (parallel trials) share one fit. One of the two is required.
+    Returns its extractor, named "domain:<id>", with `.path` set."""
+    if out is None and cache_dir is None:
+        raise MetricsError("fit_domain_features needs out=FOLDER or cache_dir=FOLDER to store the feature net")
+    plan = _plan(images, labels, DomainFitConfig.from_options(**fit_options))
+    if out is not None:
+        return _fit_and_save(plan, out=out, log=log)
+    final = Path(cache_dir) / f"domain-{plan.id}"
+    if (final / CONFIG).is_file():  # written by an atomic rename: present means complete
+        return load_domain_extractor(str(final))
+    with file_lock(Path(cache_dir) / f".domain-{plan.id}.lock"):
+        if (final / CONFIG).is_file():  # another process finished while this one waited
+            return load_domain_extractor(str(final))
+        return _fit_and_save(plan, cache_dir=cache_dir, log=log)
+
+
+def _fit_and_save(plan: _FitPlan, *, out=None, cache_dir=None, log=None) -> TorchExtractor:
     threads_before = torch.get_num_threads()
-    if num_threads:
-        torch.set_num_threads(num_threads)
+    torch.set_num_threads(plan.fit.threads)
     try:
-        net, summary = _train(data, labels, cfg, max_seconds=max_seconds, max_steps=max_steps, batch_size=batch_size,
-                              lr=lr, seed=seed, log=log)
+        net, summary = _train(plan.data, plan.labels, plan.arch, plan.fit, log=log)
     finally:
         torch.set_num_threads(threads_before)
-    if dataset_checksum:
-        summary["dataset_checksum"] = dataset_checksum
-    return save_domain_net(net, prep, summary, out=out, cache_dir=cache_dir)
+    summary["dataset_checksum"] = plan.recipe["data"]
+    return save_domain_net(net, plan.prep, summary, out=out, cache_dir=cache_dir, ident=plan.id, recipe=plan.recipe)
 
 
-def _train(data, labels, cfg: DomainNetConfig, *, max_seconds, max_steps, batch_size, lr, seed, log):
+def _train(data, labels, cfg: DomainNetConfig, fit: DomainFitConfig, *, log=None):
     n, num_classes, size = data.shape[0], cfg.num_classes, cfg.input_size
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(fit.seed)  # drives batch order and augmentation: fixed data order
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.manual_seed(fit.seed)
         net = DomainNet(cfg)
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    opt = torch.optim.AdamW(net.parameters(), lr=fit.lr, weight_decay=1e-4)
     shift = max(1, size // 8)
-    bs = min(batch_size, n)
+    bs = min(fit.batch_size, n)
     net.train()
-    start, step, loss_value = time.monotonic(), 0, float("nan")
-    while step < max_steps and time.monotonic() - start < max_seconds:
-        # cosine decay over whichever budget (steps or seconds) runs out first
-        progress = max(step / max_steps, (time.monotonic() - start) / max_seconds)
+    start, loss_value = time.monotonic(), float("nan")
+    for step in range(fit.steps):
         warm = min(1.0, (step + 1) / 50)
-        for group in opt.param_groups:
-            group["lr"] = lr * warm * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        for group in opt.param_groups:  # warmup, then cosine decay over the fixed step count
+            group["lr"] = fit.lr * warm * 0.5 * (1 + math.cos(math.pi * step / fit.steps))
         idx = torch.randint(0, n, (bs,), generator=gen)
         x = data[idx]
         if num_classes:
@@ -194,10 +281,10 @@ def _train(data, labels, cfg: DomainNetConfig, *, max_seconds, max_steps, batch_
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        step += 1
         loss_value = float(loss.detach())
-        if log and step % 100 == 0:
-            log(f"domain features: step {step}, loss {loss_value:.4f}, {time.monotonic() - start:.0f}s")
+        if log and (step + 1) % 100 == 0:
+            log(f"domain features: step {step + 1}/{fit.steps}, loss {loss_value:.4f}, "
+                f"{time.monotonic() - start:.0f}s")
     seconds = time.monotonic() - start
     net.eval()
     sub = torch.randperm(n, generator=gen)[:4096]  # a random subset: datasets may be sorted by class
@@ -206,7 +293,8 @@ def _train(data, labels, cfg: DomainNetConfig, *, max_seconds, max_steps, batch_
         net.feat_shift.copy_(raw.mean(0))
         net.feat_scale.fill_(float(raw.var(0).mean().clamp(min=1e-12).rsqrt()))
 
-    summary = {"objective": "classify" if num_classes else "contrastive", "steps": step,
+    # "seconds" is for the reader only: nothing about the net depends on it
+    summary = {"objective": "classify" if num_classes else "contrastive", "steps": fit.steps,
                "seconds": round(seconds, 2), "final_loss": loss_value, "images": n}
     if num_classes:
         with torch.no_grad():  # on at most 4096 training images: a sanity number, not an evaluation
@@ -216,8 +304,10 @@ def _train(data, labels, cfg: DomainNetConfig, *, max_seconds, max_steps, batch_
 
 
 def save_domain_net(net: DomainNet, prep: Preprocess, summary: dict, *, out: str | Path | None = None,
-                    cache_dir: str | Path | None = None) -> TorchExtractor:
-    """Write weights + config atomically (temp folder, then rename); return the extractor."""
+                    cache_dir: str | Path | None = None, ident: str | None = None,
+                    recipe: dict | None = None) -> TorchExtractor:
+    """Write weights + config atomically (temp folder, then rename); return the extractor.
+    `ident` defaults to a hash of the weights and architecture (a net with no recipe)."""
     parent = Path(out).parent if out is not None else Path(cache_dir)
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".domain-tmp-", dir=parent))
@@ -225,9 +315,10 @@ def save_domain_net(net: DomainNet, prep: Preprocess, summary: dict, *, out: str
         state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS))
         arch = asdict(net.cfg)
-        ident = _content_id(tmp / WEIGHTS, arch)
+        ident = ident or _content_id(tmp / WEIGHTS, arch)
         config = {"format": "raygen-domain-features/1", "id": ident, "name": f"domain:{ident}",
-                  "arch": arch, "preprocess": prep.key(), "training": summary}
+                  "arch": arch, "preprocess": prep.key(), "recipe": recipe,
+                  "weights_sha256": _weights_sha256(tmp / WEIGHTS), "training": summary}
         (tmp / CONFIG).write_text(json.dumps(config, indent=2))
         final = Path(out) if out is not None else Path(cache_dir) / f"domain-{ident}"
         if final.exists():
@@ -237,6 +328,16 @@ def save_domain_net(net: DomainNet, prep: Preprocess, summary: dict, *, out: str
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return load_domain_extractor(str(final))
+
+
+def fit_images(dataset_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The images and labels a prepared dataset's domain net is fit on: its first
+    `FIT_IMAGES` train images in file order, at the stored resolution and channels.
+    Every path (training, `raygen eval`, `raygen metrics fid`) uses this one rule,
+    whatever split it scores against, so one dataset has one net."""
+    from raygen.metrics.imageio import load_dataset_images
+    images, labels, _ = load_dataset_images(dataset_dir, "train", count=FIT_IMAGES)
+    return images, labels
 
 
 def _resolve(ref: str, cache_dir: str | Path | None) -> Path:

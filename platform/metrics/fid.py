@@ -3,10 +3,13 @@
 `compute_fid` is the one entry point; `FIDEvaluator` keeps the extractor and the
 reference statistics in memory for a trainer that evaluates every N steps, and
 `get_dataset_extractor` turns `track.fid.extractor` into an extractor, training
-the dataset's domain feature net once and reusing it afterwards.
+the dataset's domain feature net once and reusing it afterwards. `fid_floor` is
+the real-vs-real score (train images against the reference) that a model's FID
+reads against.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -18,7 +21,6 @@ from raygen.metrics.extractors import TorchExtractor, load_extractor
 from raygen.metrics.frechet import frechet_distance, gaussian_stats, kernel_distance
 from raygen.metrics.preprocess import out_of_range_fraction
 from raygen.metrics.reference import ReferenceStats, dataset_checksum, reference_stats
-from raygen.locks import file_lock
 
 
 def _check_compatible(stats: ReferenceStats, extractor) -> None:
@@ -82,40 +84,55 @@ def get_dataset_extractor(fid_spec_extractor: str, dataset_dir: str | Path | Non
                           **fit_options) -> TorchExtractor:
     """The extractor `track.fid.extractor` asks for.
 
-    "domain": the domain feature net of this dataset, trained on first use (on
-    `images`/`labels`, or the train split read from `dataset_dir`) and cached
-    under `cache_dir` keyed by the dataset checksum; later calls (other runs,
-    other trials) load it. "domain:PATH_OR_ID" and "inception:PATH" load as is.
-    `fit_options` go to `fit_domain_features` (e.g. max_seconds)."""
+    "domain": the domain feature net of this dataset, fit on first use and
+    cached under `cache_dir` by its id, which hashes the fit images, labels and
+    recipe. A prepared `dataset_dir` is always fit on `fit_images(dataset_dir)`,
+    whatever split the caller scores against, so training, `raygen eval` and
+    `raygen metrics fid` share one net; `images`/`labels` are for data held
+    only in memory (give one or the other). "domain:PATH_OR_ID" and
+    "inception:PATH" load as is. `fit_options` are `DomainFitConfig` fields
+    (e.g. steps)."""
     if fid_spec_extractor != "domain":
         return load_extractor(fid_spec_extractor, cache_dir=cache_dir, device=device)
-    from raygen.metrics.domain import fit_domain_features, load_domain_extractor
+    from raygen.metrics.domain import fit_domain_features, fit_images
+    if images is not None and dataset_dir is not None:
+        raise MetricsError("get_dataset_extractor: give dataset_dir or images, not both (a dataset folder is "
+                           "always fit on its own first train images, so one dataset has one feature net)")
     if images is None:
         if dataset_dir is None:
-            raise MetricsError("track.fid.extractor 'domain' needs the dataset: pass images (and labels) or dataset_dir")
-        from raygen.metrics.imageio import load_dataset_images
-        images, labels, _ = load_dataset_images(dataset_dir, "train")
-    cache_dir = Path(cache_dir)
-    checksum = dataset_checksum(images, labels)
-    index = cache_dir / f"domain-data-{checksum}.json"
+            raise MetricsError("track.fid.extractor 'domain' needs the dataset: pass dataset_dir or images (and labels)")
+        images, labels = fit_images(dataset_dir)
+    return fit_domain_features(images, labels, cache_dir=cache_dir, **fit_options).to(device)
 
-    def cached():
-        if index.is_file():
-            ident = json.loads(index.read_text())["id"]
-            if (cache_dir / f"domain-{ident}").is_dir():
-                return load_domain_extractor(ident, cache_dir=cache_dir, device=device)
-        return None
 
-    ext = cached()
-    if ext is not None:
-        return ext
-    with file_lock(cache_dir / f".domain-{checksum}.lock"):
-        ext = cached()  # another process may have finished while this one waited
-        if ext is not None:
-            return ext
-        ext = fit_domain_features(images, labels, cache_dir=cache_dir, dataset_checksum=checksum, **fit_options)
-        tmp = index.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"id": ext.id, "dataset_checksum": checksum,
-                                   "dataset_dir": str(dataset_dir) if dataset_dir else None}))
-        os.replace(tmp, index)
-    return ext.to(device)
+def fid_floor(train_images: torch.Tensor, reference: torch.Tensor | ReferenceStats, extractor, *,
+              cache_dir: str | Path | None = None, seed: int = 0) -> float:
+    """Real-vs-real FID: the first n train images against the reference, where n is
+    the reference's size. It is what a generator that reproduced the data would
+    score at this n with this extractor (FID is biased upward at small n), so a
+    model's FID reads against it. With `cache_dir`, the reference statistics are
+    cached as usual and the floor is written next to them (`floor-<key>.json`)."""
+    if isinstance(reference, ReferenceStats):
+        stats = reference
+    else:
+        stats = reference_stats(reference, extractor, seed=seed, cache_dir=cache_dir)
+    _check_compatible(stats, extractor)
+    real = train_images[:stats.n]
+    if real.dim() != 4 or real.shape[0] < 2:
+        raise MetricsError(f"the FID floor needs at least 2 train images [N, C, H, W] (got shape {tuple(real.shape)})")
+    path = None
+    if cache_dir is not None and stats.key:
+        spec = {"v": 1, "reference": stats.key, "train": dataset_checksum(real), "extractor": extractor.name,
+                "preprocess": extractor.preprocess.key()}
+        key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
+        path = Path(cache_dir) / f"floor-{key}.json"
+        if path.is_file():
+            return float(json.loads(path.read_text())["fid_floor"])
+    mu, sigma = gaussian_stats(extractor(real))
+    value = frechet_distance(mu, sigma, stats.mu, stats.sigma)
+    if path is not None:
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"fid_floor": value, "n_train": int(real.shape[0]), "n_reference": int(stats.n),
+                                   "extractor": extractor.name, "reference_key": stats.key}))
+        os.replace(tmp, path)  # readers never see a half-written file
+    return value

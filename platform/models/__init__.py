@@ -1,5 +1,12 @@
-"""Model families. Each registers itself by name in `raygen.models.registry`."""
+"""Model families and the protocol they share (see docs/families.md)."""
 from raygen.models.base import DataInfo, Generator
-from raygen.models.registry import Family, build_model, family_names, get_family, register_family
+from raygen.models.capabilities import Capability, CapabilityError, has, require
+from raygen.models.conditions import ConditionError, ConditionKind, Conditions, register_condition_kind
+from raygen.models.registry import Family, build_model, families_with, family_names, get_family, register_family
+from raygen.models.sampling import SamplingParams, SamplingParamsError, make_generators, parse_params
 
-__all__ = ["DataInfo", "Family", "Generator", "build_model", "family_names", "get_family", "register_family"]
+__all__ = [
+    "Capability", "CapabilityError", "ConditionError", "ConditionKind", "Conditions", "DataInfo", "Family",
+    "Generator", "SamplingParams", "SamplingParamsError", "build_model", "families_with", "family_names",
+    "get_family", "has", "make_generators", "parse_params", "register_condition_kind", "register_family", "require",
+]

@@ -7,9 +7,12 @@ class that family registered (see raygen.models.registry).
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+
+from raygen.models.registry import family_names, get_family
+from raygen.spec.errors import SpecError, format_pydantic_errors
 
 
 class Section(BaseModel):
@@ -17,18 +20,47 @@ class Section(BaseModel):
 
 
 # ---------------------------------------------------------------- data
+#: an image size: one side in pixels (square) or [height, width]
+ImageSide = Annotated[int, Field(ge=4, le=1024)]
+ImageSize = ImageSide | Annotated[list[ImageSide], Field(min_length=2, max_length=2)]
+CropSize = Annotated[int, Field(gt=0)] | Annotated[list[Annotated[int, Field(gt=0)]], Field(min_length=2, max_length=2)]
+
+
+def _image_size(value: Any, lo: int, hi: int | None) -> Any:
+    """One whole number (square) or [height, width], each in [lo, hi]; a
+    square pair becomes one number. Checked before pydantic's union so a bad
+    value gets one clear message instead of one per union member."""
+    if value is None:
+        return value
+    is_pair = isinstance(value, (list, tuple))
+    items = list(value) if is_pair else [value]
+    if (is_pair and len(items) != 2) or any(isinstance(v, bool) or not isinstance(v, int) for v in items):
+        raise ValueError("must be one whole number (a square) or [height, width]")
+    bad = [v for v in items if v < lo or (hi is not None and v > hi)]
+    if bad:
+        raise ValueError(f"{bad[0]} is out of range; each side must be "
+                         + (f"between {lo} and {hi}" if hi is not None else f"at least {lo}"))
+    return items[0] if len(items) == 1 or items[0] == items[1] else items
+
+
 class AugmentSpec(Section):
     hflip: bool = False
     vflip: bool = False
     shift: int = Field(0, ge=0, description="random pixel shift with zero padding (seed 001: 4)")
-    crop: int | None = Field(None, gt=0, description="random crop to this size (train only)")
+    crop: CropSize | None = Field(None, description="random crop to this size (train only): one number (square) "
+                                                    "or [height, width]")
+
+    @field_validator("crop", mode="before")
+    @classmethod
+    def _crop_size(cls, v: Any) -> Any:
+        return _image_size(v, 1, None)
 
 
 class DataSpec(Section):
     dataset: str = Field("fashion-mnist", description="built-in name (fashion-mnist, digits, spheres, kali, shapes) or a path to prepared shards")
     root: str = Field("runs/data", description="folder where built-in datasets are prepared")
     source: str | None = Field(None, description="raw source path overriding the built-in default")
-    resolution: int = Field(16, ge=4, le=1024)
+    resolution: ImageSize = Field(16, description="image size in pixels: one number (square) or [height, width]")
     channels: Literal[1, 3] = 1
     count: int | None = Field(None, gt=0, description="use at most this many training images")
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
@@ -39,17 +71,25 @@ class DataSpec(Section):
     bad_size_policy: Literal["resize", "reject"] = "resize"
     augment: AugmentSpec = Field(default_factory=AugmentSpec)
 
+    @field_validator("resolution", mode="before")
+    @classmethod
+    def _resolution_size(cls, v: Any) -> Any:
+        return _image_size(v, 4, 1024)
+
 
 # ---------------------------------------------------------------- model
 class ModelSpec(Section):
     family: str = Field("seqimg", description="registered model family", validate_default=True)
     options: dict[str, Any] = Field(default_factory=dict, description="family options, validated by the family's config")
+    components: dict[str, str] = Field(
+        default_factory=dict,
+        description="frozen models trained by earlier runs, by the name the family gives them: "
+                    "{vae: models:/fashion-vae@champion} (a run folder, an export folder or an MLflow model URI)")
     _config: Any = PrivateAttr(default=None)
 
     @field_validator("family")
     @classmethod
     def _known_family(cls, v: str) -> str:
-        from raygen.models.registry import family_names
         names = family_names()
         if v not in names:
             raise ValueError(f"unknown model family '{v}'; choose one of: {', '.join(names)}")
@@ -57,18 +97,15 @@ class ModelSpec(Section):
 
     @model_validator(mode="after")
     def _validate_options(self) -> "ModelSpec":
-        from pydantic import ValidationError
-
-        from raygen.models.registry import get_family
-        from raygen.spec.errors import SpecError, format_pydantic_errors
-        try:
-            family = get_family(self.family)
-        except KeyError as err:
-            raise ValueError(err.args[0]) from None
+        family = get_family(self.family)
         try:
             self._config = family.config_cls.model_validate(self.options)
         except ValidationError as err:
             raise SpecError(format_pydantic_errors(err, ("options",))) from None
+        unknown = sorted(set(self.components) - set(family.components))
+        if unknown:
+            accepted = f"it takes: {', '.join(sorted(family.components))}" if family.components else "it takes none"
+            raise ValueError(f"components: family '{self.family}' has no component '{unknown[0]}'; {accepted}")
         return self
 
     @property
@@ -162,9 +199,20 @@ class ScaleSpec(Section):
 class FIDSpec(Section):
     every: int = Field(0, ge=0, description="compute FID every N steps (0: only at the end)")
     samples: int = Field(256, ge=16)
-    extractor: str = Field("domain", description="'domain' (a feature net trained on the dataset) or 'inception:PATH'")
-    fit_seconds: float = Field(30.0, gt=0, description="time budget to fit the domain feature net (once per dataset)")
+    extractor: str = Field("domain", description="'domain' (a feature net trained on the dataset), 'domain:PATH' (one from `raygen metrics fit-features`) or 'inception:PATH'")
+    # a step count, never a time budget: a loaded machine must train the same net (same DomainFitConfig.steps)
+    fit_steps: int = Field(450, ge=1, description="optimizer steps to fit the domain feature net (once per dataset; "
+                                                  "part of its id, so FID is comparable only at one value)")
     enabled: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fit_seconds_is_gone(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "fit_seconds" in data:
+            raise ValueError(f"fit_seconds ({data['fit_seconds']!r}) was replaced by fit_steps: the domain feature "
+                             "net is fit by a fixed step count so every machine trains the same net; "
+                             "remove fit_seconds and set fit_steps (default 450) if needed")
+        return data
 
 
 class TrackSpec(Section):
@@ -188,8 +236,8 @@ _DIST = {"choice", "grid", "uniform", "loguniform", "randint", "quniform"}
 class TuneSpec(Section):
     space: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
-        description="dotted spec key -> {choice: [...]} | {grid: [...]} | {uniform: [lo, hi]} | {loguniform: [lo, hi]} | {randint: [lo, hi]}")
-    filter: str | None = Field(None, description="expression over ${key} that a config must satisfy, e.g. '${model.options.stride} <= ${model.options.patch}'")
+        description="dotted spec key -> {choice: [...]} | {grid: [...]} | {uniform: [lo, hi]} | {loguniform: [lo, hi]} | {randint: [lo, hi]} | {quniform: [lo, hi, q]}")
+    filter: str | None = Field(None, description="expression over ${key} of grid axes that a grid point must satisfy, e.g. '${model.options.dim} % ${model.options.heads} == 0'")
     num_samples: int = Field(4, ge=1)
     metric: str = "val_loss"
     mode: Literal["min", "max"] = "min"

@@ -4,6 +4,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from raygen.models.errors import ModelLoadError
 from raygen.tracking.store import client
 
 
@@ -30,8 +31,6 @@ def register(tracking_uri: str, run_id: str, name: str) -> str:
 def download_model(uri: str, tracking_uri: str | None = None) -> Path:
     """Fetch a `models:/NAME/VERSION` or `runs:/ID/model` folder to a local temp folder."""
     import mlflow
-
-    from raygen.models.io import ModelLoadError
 
     if tracking_uri is None:
         raise ModelLoadError(f"{uri} needs a tracking store: pass --tracking-uri (e.g. sqlite:///runs/mlflow.db)")

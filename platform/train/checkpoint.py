@@ -67,6 +67,49 @@ def restore_rng(state: dict[str, Any]) -> None:
     random.setstate((3, tuple(state["python"]), state["python_gauss"]))
 
 
+# ------------------------------------------------------------------ hook state
+HOOKS_DIR = "hooks"
+#: files of checkpoints written before hook state was generic, by the hook key that now owns them
+LEGACY_HOOK_FILES = {"ema": "ema.safetensors"}
+
+
+def save_hook_state(folder: Path, key: str, state: dict[str, Any]) -> None:
+    """A hook's state as files, no pickles: tensors into `hooks/<key>.safetensors`,
+    everything else (plain JSON values) into `hooks/<key>.json`."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items() if torch.is_tensor(v)}
+    plain = {k: v for k, v in state.items() if not torch.is_tensor(v)}
+    out = folder / HOOKS_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    if tensors:
+        save_file(tensors, str(out / f"{key}.safetensors"))
+    if plain:
+        try:
+            text = json.dumps(plain, indent=2, allow_nan=True)
+        except TypeError as err:
+            raise TypeError(f"hook state '{key}': every value must be a tensor or plain JSON data ({err})") from None
+        (out / f"{key}.json").write_text(text)
+
+
+def load_hook_state(folder: Path, key: str) -> dict[str, Any] | None:
+    """What `save_hook_state` wrote for `key` (or a legacy file it replaces); None when nothing was saved."""
+    from safetensors.torch import load_file
+
+    tensors_file, json_file = folder / HOOKS_DIR / f"{key}.safetensors", folder / HOOKS_DIR / f"{key}.json"
+    if not tensors_file.is_file() and not json_file.is_file():
+        legacy = LEGACY_HOOK_FILES.get(key)
+        if legacy and (folder / legacy).is_file():
+            return dict(load_file(str(folder / legacy)))
+        return None
+    state: dict[str, Any] = {}
+    if tensors_file.is_file():
+        state.update(load_file(str(tensors_file)))
+    if json_file.is_file():
+        state.update(json.loads(json_file.read_text()))
+    return state
+
+
 def save_torch(obj: Any, path: Path) -> None:
     tmp = path.with_name("." + path.name + ".tmp")
     torch.save(obj, tmp)

@@ -53,7 +53,8 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, quiet
         # those CPUs stay reserved and later trials wait forever.
         ray.init(address="local", num_cpus=cpus, object_store_memory=mem, include_dashboard=True,
                  dashboard_host="127.0.0.1",
-                 log_to_driver=True, logging_level="ERROR")
+                 # quiet: workers' output goes to each run's run.log, not through the driver (raygen.train.console)
+                 log_to_driver=not quiet, logging_level="ERROR")
     return ray.cluster_resources()
 
 

@@ -1,7 +1,13 @@
 """DeepSpeed (ZeRO 0-3, optional offload) as a training Strategy.
 
-DeepSpeed owns clipping by norm, loss scaling and accumulation here; the
-config is written from the spec and a user JSON may be merged over it.
+DeepSpeed owns loss scaling, accumulation and the partitioning of gradients
+and optimizer state here; the config is written from the spec and a user JSON
+may be merged over it. Clipping is not DeepSpeed's: the step of the torch
+optimizer DeepSpeed drives is wrapped, so the trainer's
+`on_before_optimizer_step` fires there, with the final (reduced, unscaled)
+gradients on the tensors about to be updated (under ZeRO, this rank's
+partition), exactly once per applied step as under DDP; `GradClipHook` clips
+by value and by global norm in that event under every strategy.
 """
 from __future__ import annotations
 
@@ -13,7 +19,7 @@ import torch
 
 from raygen.spec.schema import JobSpec
 from raygen.spec.errors import SpecError
-from raygen.train.strategy import StepModule, StepResult, Strategy, all_ranks_true
+from raygen.train.strategy import StepModule, StepResult, Strategy, total_grad_norm
 
 
 def _merge(base: dict, override: dict) -> dict:
@@ -25,6 +31,9 @@ def _merge(base: dict, override: dict) -> dict:
 
 # Keys the platform sets from the spec; a user file may not contradict them silently.
 _OWNED = {"train_micro_batch_size_per_gpu": "data.batch_size", "gradient_accumulation_steps": "train.grad_accum"}
+# Keys a user file may not set at all, with what to set instead.
+_FORBIDDEN = {"gradient_clipping": "raygen clips in its own hook under every strategy: set train.clip.norm "
+                                   "(and train.clip.value) in the spec instead"}
 
 
 def build_deepspeed_config(spec: JobSpec, world_size: int) -> dict[str, Any]:
@@ -32,19 +41,20 @@ def build_deepspeed_config(spec: JobSpec, world_size: int) -> dict[str, Any]:
     if train.precision == "fp16" and not scale.use_gpu:
         raise SpecError(["train.precision: fp16 with DeepSpeed needs a GPU (DeepSpeed's CPU accelerator has no fp16); "
                          "use bf16, or scale.strategy=ddp for fp16 with dynamic loss scaling on CPU"])
-    if train.clip.value is not None:
-        raise SpecError(["train.clip.value: DeepSpeed clips by global norm only; use train.clip.norm, or scale.strategy=ddp"])
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": spec.data.batch_size,
         "gradient_accumulation_steps": train.grad_accum,
         "train_batch_size": spec.data.batch_size * train.grad_accum * world_size,
-        "gradient_clipping": train.clip.norm or 0.0,
+        "gradient_clipping": 0.0,  # GradClipHook clips, in on_before_optimizer_step, as under DDP
         "steps_per_print": 10**9,  # the platform logs; keep DeepSpeed quiet
         "wall_clock_breakdown": False,
         "zero_optimization": {"stage": scale.zero_stage},
         "zero_allow_untested_optimizer": True,
     }
     zero = config["zero_optimization"]
+    if scale.zero_stage == 3:
+        # one optimizer call per step (ZeRO-3 splits larger groups into sub-groups): one hook event per step
+        zero["sub_group_size"] = 10**12
     if scale.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": scale.use_gpu}
         config["zero_force_ds_cpu_optimizer"] = False  # keep the spec's torch optimizer
@@ -65,6 +75,9 @@ def build_deepspeed_config(spec: JobSpec, world_size: int) -> dict[str, Any]:
             raise SpecError([f"scale.deepspeed_config: {path} is not valid JSON ({err})"]) from None
         if not isinstance(user, dict):
             raise SpecError([f"scale.deepspeed_config: {path} must hold a JSON object"])
+        for key, why in _FORBIDDEN.items():
+            if key in user and user[key]:
+                raise SpecError([f"scale.deepspeed_config: '{key}' = {user[key]}: {why}"])
         for key, field in _OWNED.items():
             if key in user and user[key] != config[key]:
                 raise SpecError([f"scale.deepspeed_config: '{key}' = {user[key]} contradicts {field} "
@@ -82,10 +95,11 @@ class DeepSpeedStrategy(Strategy):
         self.grad_accum = grad_accum
         self.device = device or torch.device("cpu")
 
-    def setup(self, generator, make_optimizer, make_scheduler):
+    def setup(self, generator, make_optimizer, make_scheduler, *, before_update=lambda params: None):
         import deepspeed
 
         self._generator = generator
+        self.before_update = before_update
         module = StepModule(generator)
         params = [p for p in generator.parameters() if p.requires_grad]
         optimizer = make_optimizer(params)
@@ -95,6 +109,40 @@ class DeepSpeedStrategy(Strategy):
             dist_init_required=False)
         self.precision_dtype = {True: torch.bfloat16}.get(self.ds_config.get("bf16", {}).get("enabled", False))
         self._bad_in_step = False
+        self._model_params = {id(p) for p in generator.parameters()}
+        self._wrap_update(optimizer)
+
+    def _wrap_update(self, optimizer: torch.optim.Optimizer) -> None:
+        """Fire the update event inside the step of the torch optimizer that
+        DeepSpeed drives: by then DeepSpeed has reduced and unscaled the
+        gradients (and skipped the call on an fp16 overflow)."""
+        inner = optimizer.step
+
+        def step(*args, **kwargs):
+            self._update_calls += 1
+            if self._update_calls > 1:
+                raise RuntimeError("DeepSpeed split one optimizer step into several calls (several optimizer "
+                                   "param groups); raygen's update hooks need a single param group")
+            if self._bad_in_step:
+                return None  # a skipped step: weights and optimizer state stay exactly as they are
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            # Under ZeRO (and DeepSpeed's bf16 optimizer) these are this rank's slice of the fp32 weights.
+            self._partitioned = any(id(p) not in self._model_params for p in params)
+            self._norm = float(total_grad_norm(params, self._partitioned))
+            self.before_update(params)
+            return inner(*args, **kwargs)
+
+        optimizer.step = step
+        self._update_calls, self._norm, self._partitioned = 0, None, False
+
+    def clip_grad_norm_(self, params, max_norm):
+        # the tensors handed to the hook are a partition: their norm is summed over ranks
+        norm = total_grad_norm(params, self._partitioned)
+        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        grads = [p.grad for p in params if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, coef.to(grads[0].device))
+        return norm
 
     @property
     def generator(self):
@@ -123,34 +171,21 @@ class DeepSpeedStrategy(Strategy):
     def _micro(self, loss, last_micro):
         if last_micro:
             self._applied_lr = self.lr()
-        if last_micro and self._bad_in_step:
-            # DeepSpeed cannot skip a step on request: apply it with lr 0 so the
-            # weights do not move. The LambdaLR schedule recomputes lr from its
-            # base values right after, so nothing needs restoring.
-            for group in self.engine.optimizer.param_groups:
-                group["lr"] = 0.0
+            self._update_calls, self._norm = 0, None
         self.engine.backward(loss)
-        if last_micro:
-            self._fallback_norm = self._grad_norm_from_params()
-        self.engine.step()  # DeepSpeed applies the optimizer at the accumulation boundary only
+        # DeepSpeed applies the optimizer at the accumulation boundary only; a
+        # skipped step (see skip_micro) returns from the wrapped optimizer step
+        # without touching anything, and the schedule still advances, as under DDP.
+        self.engine.step()
 
-    def _grad_norm_from_params(self) -> float | None:
-        # ZeRO 0 does not report a global norm; its gradients sit on the parameters,
-        # already all-reduced at the boundary. Sharded stages keep them elsewhere.
-        if self.ds_config["zero_optimization"]["stage"] != 0:
-            return None
-        grads = [p.grad.float() for p in self.engine.module.parameters() if p.grad is not None]
-        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else None
-
-    def step(self, before_update, skip):
-        # DeepSpeed already applied the update (and its own norm clipping) in backward().
-        applied = not (skip or self._bad_in_step)
+    def step(self, skip):
+        # DeepSpeed already applied the update (hooks included) in backward().
+        bad = skip or self._bad_in_step
         self._bad_in_step = False
         overflow = bool(getattr(self.engine.optimizer, "overflow", False))
-        norm = self.engine.get_global_grad_norm()
-        norm = float(norm) if norm is not None else getattr(self, "_fallback_norm", None)
+        applied = not bad and not overflow and self._update_calls > 0
         scale = float(getattr(self.engine.optimizer, "cur_scale", getattr(self.engine.optimizer, "loss_scale", 1.0)) or 1.0)
-        return StepResult(applied and not overflow, norm, scale, self._applied_lr)
+        return StepResult(applied, self._norm if applied else None, scale, self._applied_lr)
 
     def lr(self):
         return float(self.engine.get_lr()[0])

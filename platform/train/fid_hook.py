@@ -2,7 +2,10 @@
 
 The extractor is trained (or loaded) once by the driver before training, and
 the reference statistics are computed once at start, so each evaluation costs
-only sampling plus feature extraction of the generated images."""
+only sampling plus feature extraction of the generated images. The real-vs-real
+floor (as many train images against the same val images) is computed once at the
+start and logged and printed beside every FID, so a reader knows what a model
+that reproduced the data would score."""
 from __future__ import annotations
 
 import time
@@ -16,19 +19,26 @@ class FIDHook(Hook):
         self.spec, self.sink, self.data_dir = spec, sink, Path(data_dir)
         self.every = spec.track.fid.every
         self.evaluator = None
+        self.floor: float | None = None
 
     def on_train_start(self, trainer):
         if trainer.rank != 0:
             return
         from raygen.data import load_split_images
-        from raygen.metrics import FIDEvaluator
+        from raygen.metrics import FIDEvaluator, fid_floor
         from raygen.train.wrapup import dataset_extractor
 
         extractor = dataset_extractor(self.spec, self.data_dir)
+        cache_dir = Path(self.spec.data.root) / "fid-cache"  # where the final FID keeps its statistics too
         ref = load_split_images(self.data_dir, "val", self.spec.data, limit=self.spec.track.fid.samples)
-        self.evaluator = FIDEvaluator(extractor, ref["image"])
+        self.evaluator = FIDEvaluator(extractor, ref["image"], cache_dir=cache_dir)
+        train = load_split_images(self.data_dir, "train", self.spec.data, limit=self.evaluator.stats.n)
+        self.floor = fid_floor(train["image"], self.evaluator.stats, extractor, cache_dir=cache_dir)
         if self.sink is not None:
             self.sink.set_tags({"fid.extractor": extractor.name, "fid.samples": str(self.spec.track.fid.samples)})
+            self.sink.log_metrics({"fid_floor": self.floor}, trainer.state.step)
+        print(f"[raygen] FID real-vs-real floor {self.floor:.2f} ({self.evaluator.stats.n} train vs val images, "
+              f"{extractor.name})", flush=True)
 
     def on_step_end(self, trainer, metrics):
         step = trainer.state.step
@@ -44,9 +54,9 @@ class FIDHook(Hook):
         fake = generate(model, self.spec.track.fid.samples, seed=self.spec.train.seed + 1)
         result = self.evaluator(fake)
         took = time.perf_counter() - t0
-        values = {"fid": result["fid"], "kid": result["kid"], "fid_time_s": took}
+        values = {"fid": result["fid"], "kid": result["kid"], "fid_floor": self.floor, "fid_time_s": took}
         metrics.update(values)
         if self.sink is not None:
             self.sink.log_metrics(values, step)
-        print(f"[raygen] step {step}: FID {result['fid']:.2f} (KID {result['kid']:.4f}, "
+        print(f"[raygen] step {step}: FID {result['fid']:.2f} (floor {self.floor:.2f}, KID {result['kid']:.4f}, "
               f"{result['n_generated']} samples, {result['extractor']}, {took:.1f}s)", flush=True)

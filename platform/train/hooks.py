@@ -1,18 +1,31 @@
 """Cross-cutting training behaviour attached as callbacks on loop events.
 
 Events, in order of a step: `on_train_start`, `on_before_optimizer_step`
-(gradients final, before the update), `on_step_end`, `on_eval`,
-`on_checkpoint`, `on_train_end`. Hooks read and write the trainer's public
-state; the loop itself knows nothing of EMA, clipping, logging or grids.
+(gradients final: reduced, unscaled; before the update), `on_step_end`,
+`on_eval`, `on_checkpoint`, `on_train_end`. They fire the same way under
+every strategy (DDP, DeepSpeed ZeRO 0-3): a skipped step (non-finite
+gradients, an fp16 overflow) fires no `on_before_optimizer_step`. A
+gradient-free family (capability 'fit') has no optimizer and fires no
+`on_before_optimizer_step` at all.
+
+Hooks read and write the trainer's public state; the loop itself knows
+nothing of EMA, clipping, logging or grids.
+
+State: a hook that must survive a resume returns it from `state_dict()`, a
+flat dict whose values are tensors or plain JSON data. The checkpoint saves
+it from rank 0 (tensors to `hooks/<state_key>.safetensors`, the rest to
+`hooks/<state_key>.json`; no pickles) and, on a resume, hands it back to
+`load_state_dict` on every rank, right after `on_train_start`.
 """
 from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
+from raygen.train import console
 from raygen.train.ema import EMA
 
 if TYPE_CHECKING:
@@ -20,21 +33,35 @@ if TYPE_CHECKING:
 
 
 class Hook:
+    #: name of this hook's state files in a checkpoint; the class name unless set
+    state_key: str = ""
+
     def on_train_start(self, trainer: "Trainer") -> None: ...
-    def on_before_optimizer_step(self, trainer: "Trainer", params: list[torch.nn.Parameter]) -> None: ...
+    def on_before_optimizer_step(self, trainer: "Trainer", params: list[torch.Tensor]) -> None: ...
     def on_step_end(self, trainer: "Trainer", metrics: dict[str, float]) -> None: ...
     def on_eval(self, trainer: "Trainer", metrics: dict[str, float]) -> None: ...
     def on_checkpoint(self, trainer: "Trainer", folder: Path) -> None: ...
     def on_train_end(self, trainer: "Trainer") -> None: ...
+
     def state_dict(self) -> dict[str, Any] | None:
+        """What a resume needs of this hook (tensors or plain JSON values); None: nothing."""
         return None
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Called on resume, after `on_train_start`, with what `state_dict` returned."""
+
+    @property
+    def key(self) -> str:
+        return self.state_key or type(self).__name__
 
 
 class GradClipHook(Hook):
     """Clip by value, then by global norm (the loop logs the pre-clip norm).
 
-    Under DeepSpeed, clipping by norm is done by the engine from the same
-    setting, and this hook is never called."""
+    The same under every strategy: `params` are what the optimizer is about to
+    update, and under ZeRO they are this rank's partition of the weights, so
+    clipping by value is elementwise as ever and the global norm is the
+    strategy's (`Strategy.clip_grad_norm_`: an all-reduce over partitions)."""
 
     def __init__(self, norm: float | None, value: float | None):
         self.norm, self.value = norm, value
@@ -43,11 +70,18 @@ class GradClipHook(Hook):
         if self.value is not None:
             torch.nn.utils.clip_grad_value_(params, self.value)
         if self.norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, self.norm)
+            if trainer is None:
+                torch.nn.utils.clip_grad_norm_(params, self.norm)
+            else:
+                trainer.strategy.clip_grad_norm_(params, self.norm)
 
 
 class EMAHook(Hook):
-    """Keeps an EMA of the weights; eval and sampling use it (trainer.eval_weights)."""
+    """Keeps an EMA of the weights and provides them as the eval weights
+    (eval, sample grids, FID and the export use them); checkpointed as hook state."""
+
+    state_key = "ema"
+    name = "ema"  # how the export records the weights it holds
 
     def __init__(self, decay: float, start_step: int):
         self.decay, self.start_step = decay, start_step
@@ -55,17 +89,29 @@ class EMAHook(Hook):
 
     def on_train_start(self, trainer):
         self.ema = EMA(trainer.strategy.generator, self.decay, self.start_step)
-        if trainer.restored_ema is not None:
-            self.ema.load_state_dict(trainer.restored_ema)
-        trainer.ema = self.ema
+        trainer.set_eval_weights_provider(self)
 
     def on_step_end(self, trainer, metrics):
         if metrics.get("step_applied", 1.0):
             self.ema.update(trainer.strategy.generator, trainer.state.step)
 
+    def eval_weights(self) -> dict[str, torch.Tensor]:
+        return self.ema.state_dict()
+
+    def state_dict(self):
+        return dict(self.ema.state_dict()) if self.ema is not None else None
+
+    def load_state_dict(self, state):
+        missing = sorted(set(self.ema.shadow) - set(state))
+        if missing:
+            raise RuntimeError(f"the checkpoint's EMA weights lack {len(missing)} of the model's tensors "
+                               f"(e.g. {missing[0]!r}): was it written by a different model config?")
+        self.ema.load_state_dict(state)
+
 
 class ProgressHook(Hook):
-    """A progress line every `every` steps on rank 0 (also readable in Ray logs)."""
+    """One progress event every `every` steps from rank 0 (a line, or a bar on
+    the driver's TTY: see raygen.train.console), and one line per eval."""
 
     def __init__(self, every: int, total: int, enabled: bool = True):
         self.every, self.total, self.enabled = every, total, enabled
@@ -80,13 +126,15 @@ class ProgressHook(Hook):
             return
         elapsed = time.perf_counter() - self.start
         eta = elapsed / max(1, step - trainer.start_step) * (self.total - step)
-        print(f"[raygen] step {step}/{self.total} loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
-              f"img/s {metrics.get('images_per_s', 0):.0f} eta {eta:.0f}s", flush=True)
+        fields = {"loss": metrics.get("loss"), "lr": metrics.get("lr")}
+        fields.update({k: v for k, v in metrics.items() if k.startswith("fit_")})  # gradient-free families
+        fields.update({"images_per_s": metrics.get("images_per_s", 0.0), "eta_s": eta})
+        console.progress(step, self.total, fields)
 
     def on_eval(self, trainer, metrics):
-        if self.enabled and trainer.rank == 0:
-            shown = " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("val_"))
-            print(f"[raygen] eval at step {trainer.state.step}: {shown}", flush=True)
+        shown = " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("val_"))
+        if self.enabled and trainer.rank == 0 and shown:
+            console.say(f"eval at step {trainer.state.step}: {shown}")
 
 
 class MetricsSinkHook(Hook):
@@ -132,9 +180,10 @@ class SampleGridHook(Hook):
     def on_eval(self, trainer, metrics):
         if trainer.rank != 0:
             return
-        from raygen.train.images import sample_grid_png
+        from raygen.models import Capability, has
+        from raygen.train.sampling import sample_grid_png
         model = trainer.eval_model()
-        if getattr(model, "is_scorer", False):  # scorer families (clip) draw no images
+        if not has(model, Capability.SAMPLE):  # families that make no images (scorers) draw no grid
             return
         path = self.out_dir / f"samples_step{trainer.state.step:08d}.png"
         sample_grid_png(model, self.n, path, seed=trainer.spec.train.seed)

@@ -44,23 +44,3 @@ def save_grid(images: torch.Tensor, path: str | Path, upscale: int = 1) -> Path:
         img = img.resize((img.width * upscale, img.height * upscale), Image.NEAREST)
     img.save(path)
     return path
-
-
-def class_cycle_labels(n: int, num_classes: int) -> torch.Tensor | None:
-    return torch.arange(n) % num_classes if num_classes > 0 else None
-
-
-@torch.no_grad()
-def sample_grid_png(model, n: int, path: str | Path, seed: int = 0) -> Path:
-    """Sample n images (cycling through classes when the model is class-conditional) into a grid PNG."""
-    info = model.data_info
-    gen = torch.Generator().manual_seed(seed)
-    kind = getattr(model, "conditioning", "none")
-    labels = class_cycle_labels(n, info.num_classes) if kind == "label" else None
-    captions = None
-    if kind == "caption":
-        names = info.class_names or ["an image"]
-        captions = [names[i % len(names)] for i in range(n)]
-    images = model.sample(n, labels=labels, captions=captions, generator=gen)
-    upscale = max(1, 128 // info.resolution)
-    return save_grid(images, path, upscale=upscale)

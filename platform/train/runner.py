@@ -1,9 +1,11 @@
 """Driver side of `raygen train`: data, cluster, tracking, TorchTrainer, wrap-up."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +15,7 @@ from raygen.spec.errors import SpecError
 from raygen.spec.loader import spec_to_dict
 from raygen.spec.schema import JobSpec
 from raygen.train.checkpoint import find_latest_checkpoint
+from raygen.train.console import RUN_LOG, ConsoleFollower, library_logs_to, stderr_to
 
 
 @dataclass
@@ -71,15 +74,43 @@ def with_absolute_paths(spec: JobSpec) -> JobSpec:
 
 
 def check_compatibility(spec: JobSpec) -> None:
-    if spec.train.ema.enabled and spec.scale.strategy == "deepspeed" and spec.scale.zero_stage == 3:
-        raise SpecError(["train.ema.enabled: EMA needs full weights on each worker; with scale.zero_stage 3 "
-                         "set train.ema.enabled=false or use zero_stage 2"])
+    """The spec checks `raygen spec validate` makes too (raygen.spec.checks)."""
+    from raygen.spec.checks import check_runnable
+    check_runnable(spec, tune=False)
 
 
 def run_training(spec: JobSpec, *, resume: bool = False, tracking_uri: str | None = None,
                  address: str | None = None, stop_after: int | None = None, progress: bool = True,
                  parent_run_id: str | None = None, extra_callbacks: list | None = None,
-                 run_dir: Path | None = None, final_eval: bool = True) -> RunResult:
+                 run_dir: Path | None = None, final_eval: bool = True,
+                 overrides: list[str] | None = None, verbose: bool = False) -> RunResult:
+    """`overrides` (the `--set` items) are kept in run.json, so a resume can reapply them."""
+    started = time.perf_counter()
+    check_compatibility(spec)  # the same checks (and words) as `raygen spec validate`, before anything starts
+    spec = with_absolute_paths(spec)  # Ray workers do not run in the driver's folder
+    run_dir = (run_dir or pick_run_dir(spec, resume)).resolve()
+    created = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        # library chatter (Ray, MLflow, warnings) into run.log; on the console too with --verbose
+        with library_logs_to(run_dir / RUN_LOG, verbose):
+            return _run_in(run_dir, spec, started, resume=resume, tracking_uri=tracking_uri, address=address,
+                           stop_after=stop_after, progress=progress, parent_run_id=parent_run_id,
+                           extra_callbacks=extra_callbacks, final_eval=final_eval, overrides=overrides,
+                           verbose=verbose)
+    except BaseException:
+        # A run that failed before it started (unreachable cluster, bad data:
+        # no MLflow run, no run.json yet) leaves no folder behind, so the next
+        # run keeps the name instead of taking `<name>-2`.
+        if created and not (run_dir / "run.json").exists():
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def _run_in(run_dir: Path, spec: JobSpec, started: float, *, resume: bool, tracking_uri: str | None,
+            address: str | None, stop_after: int | None, progress: bool, parent_run_id: str | None,
+            extra_callbacks: list | None, final_eval: bool, overrides: list[str] | None,
+            verbose: bool = False) -> RunResult:
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -88,22 +119,18 @@ def run_training(spec: JobSpec, *, resume: bool = False, tracking_uri: str | Non
     from raygen.models.registry import build_model
     from raygen.tracking.store import default_tracking_uri, open_run
     from raygen.train.cluster import cpus_per_worker, ensure_ray
-    from raygen.train.worker import train_worker
-
-    started = time.perf_counter()
-    spec = with_absolute_paths(spec)  # Ray workers do not run in the driver's folder
-    check_compatibility(spec)
-    if spec.scale.strategy == "deepspeed":  # surface DeepSpeed config errors before anything starts
-        from raygen.train.deepspeed_strategy import build_deepspeed_config
-        build_deepspeed_config(spec, spec.scale.workers)
-    run_dir = (run_dir or pick_run_dir(spec, resume)).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    from raygen.train.components import load_components, resolve_components
+    from raygen.train.worker import WorkerConfig, describe_strategy, train_worker
 
     data_dir = ensure_dataset(spec.data)
     manifest = read_manifest(data_dir)
     info = manifest.data_info(spec.data)
-    probe = build_model(spec.model.family, spec.model.config, info)  # cross-field errors surface here
-    n_params = sum(p.numel() for p in probe.parameters())
+    tracking_uri = tracking_uri or spec.track.tracking_uri or default_tracking_uri(spec.run_dir)
+    sources = dict(spec.model.components)
+    spec = resolve_components(spec, tracking_uri)  # earlier runs' models, frozen: fail now if one is missing
+    components = load_components(spec)
+    probe = build_model(spec.model.family, spec.model.config, info, components)  # cross-field errors surface here
+    n_params = sum(p.numel() for n, p in probe.named_parameters() if not n.startswith("components."))
     del probe
 
     if spec.track.fid.enabled and final_eval:
@@ -113,16 +140,18 @@ def run_training(spec: JobSpec, *, resume: bool = False, tracking_uri: str | Non
             print("[raygen] preparing the FID feature extractor (trained once per dataset, then cached)", flush=True)
         dataset_extractor(spec, data_dir)
 
-    resources = ensure_ray(address or spec.scale.address)
+    with stderr_to(run_dir / RUN_LOG, enabled=not verbose):  # ray.init's C++ warnings
+        resources = ensure_ray(address or spec.scale.address, quiet=not verbose)
     quiet_data_progress()
     cpus = cpus_per_worker(spec.scale.cpus_per_worker, spec.scale.workers, resources.get("CPU", 1))
     if spec.scale.use_gpu and resources.get("GPU", 0) < spec.scale.workers:
         raise SpecError([f"scale.use_gpu: the cluster has {resources.get('GPU', 0):g} GPUs for {spec.scale.workers} workers; "
                          "lower scale.workers or set scale.use_gpu=false"])
 
-    tracking_uri = tracking_uri or spec.track.tracking_uri or default_tracking_uri(spec.run_dir)
     state_file = run_dir / "run.json"
     previous = json.loads(state_file.read_text()) if state_file.is_file() else {}
+    if overrides is None:  # a resume keeps the overrides the run was started with
+        overrides = previous.get("overrides", []) if resume else []
     resume_from = find_latest_checkpoint(run_dir) if resume else None
     if resume and resume_from is None and progress:
         print(f"[raygen] {run_dir} has no completed checkpoint yet: starting it from step 0", flush=True)
@@ -130,22 +159,24 @@ def run_training(spec: JobSpec, *, resume: bool = False, tracking_uri: str | Non
                        run_id=previous.get("mlflow_run_id") if resume else None, parent_run_id=parent_run_id,
                        tags={"raygen.family": spec.model.family, "raygen.run_dir": str(run_dir)})
     tracked.log_params({"model.num_parameters": n_params, "data.prepared_dir": str(data_dir)})
+    if sources:
+        tracked.set_tags({f"raygen.component.{k}": v for k, v in sources.items()})
     state_file.write_text(json.dumps({"mlflow_run_id": tracked.run_id, "tracking_uri": tracking_uri,
-                                      "data_dir": str(data_dir), "name": spec.name}, indent=2))
+                                      "data_dir": str(data_dir), "name": spec.name,
+                                      "overrides": list(overrides)}, indent=2))
     if progress:
         print(f"[raygen] run {run_dir.name}: {spec.model.family} ({n_params/1e6:.2f}M params), "
-              f"{spec.scale.workers} worker(s) × {cpus:g} CPU, {spec.scale.strategy}"
-              f"{' ZeRO-' + str(spec.scale.zero_stage) if spec.scale.strategy == 'deepspeed' else ''}, "
+              f"{spec.scale.workers} worker(s) × {cpus:g} CPU, {describe_strategy(spec)}, "
               f"{spec.train.steps} steps; MLflow run {tracked.run_id} in {tracking_uri}", flush=True)
 
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={
-            "spec": spec_to_dict(spec), "data_info": info.to_dict(), "run_dir": str(run_dir),
-            "tracking_uri": tracking_uri, "mlflow_run_id": tracked.run_id,
-            "resume_from": str(resume_from) if resume_from else None, "stop_after": stop_after,
-            "progress": progress, "threads_per_worker": max(1, int(cpus)), "data_dir": str(data_dir),
-        },
+        train_loop_config=WorkerConfig(
+            spec=spec, data_info=info, run_dir=run_dir, data_dir=data_dir,
+            tracking_uri=tracking_uri, mlflow_run_id=tracked.run_id,
+            resume_from=resume_from, stop_after=stop_after, progress=progress,
+            threads_per_worker=max(1, int(cpus)), family_sources=tuple(family_sources(spec, components)),
+        ).to_dict(),
         scaling_config=ScalingConfig(num_workers=spec.scale.workers, use_gpu=spec.scale.use_gpu,
                                      resources_per_worker={"CPU": cpus}),
         run_config=RunConfig(name=f"{run_dir.name}-{int(time.time())}", storage_path=str(run_dir / "ray"),
@@ -155,7 +186,9 @@ def run_training(spec: JobSpec, *, resume: bool = False, tracking_uri: str | Non
         dataset_config=make_data_config(spec.data),
     )
     try:
-        result = trainer.fit()
+        # rank 0's progress and messages, rendered once here (a bar on a TTY); run.log too with --verbose
+        with ConsoleFollower(run_dir, total=spec.train.steps, verbose=verbose) if progress else contextlib.nullcontext():
+            result = trainer.fit()
     except Exception as err:
         tracked.finish("FAILED")
         raise TrainingFailed(_root_cause(err)) from err
@@ -174,6 +207,13 @@ def run_training(spec: JobSpec, *, resume: bool = False, tracking_uri: str | Non
     out.seconds = time.perf_counter() - started
     tracked.log_metrics({"wall_time_s": out.seconds})
     return out
+
+
+def family_sources(spec: JobSpec, components: dict) -> list[str]:
+    """Files that register the run's families outside entry points, for the workers to import."""
+    from raygen.models.registry import family_source
+    names = [spec.model.family, *(c.family for c in components.values())]
+    return sorted({src for src in map(family_source, names) if src})
 
 
 class TrainingFailed(RuntimeError):

@@ -70,21 +70,43 @@ def barrier() -> None:
         dist.barrier()
 
 
+def total_grad_norm(params: list[torch.Tensor], partitioned: bool) -> torch.Tensor:
+    """Global L2 norm of the gradients of `params` (float32 scalar). Partitioned
+    (ZeRO): each rank holds a disjoint slice, so the squares are summed over ranks."""
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads).float() if grads else torch.zeros(())
+    if partitioned and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        sq = (norm.double() ** 2).reshape(1).to(collective_device())
+        dist.all_reduce(sq)
+        norm = sq.sqrt().reshape(()).float().to(norm.device)
+    return norm
+
+
 class Strategy:
-    """Interface; see DDPStrategy for the reference behaviour."""
+    """Interface; see DDPStrategy for the reference behaviour.
+
+    `setup` receives `before_update(params)`, which the strategy calls once
+    per applied step, with the final gradients (reduced, unscaled) on the
+    tensors the optimizer is about to update and before it does: the
+    trainer's `on_before_optimizer_step` event. A skipped step calls it not."""
     name = "base"
     grad_accum = 1
     device = torch.device("cpu")
+    #: False: the family is fitted without gradients (see NoGradStrategy)
+    uses_gradients = True
 
-    def setup(self, generator: Generator, make_optimizer: Callable, make_scheduler: Callable) -> None: ...
+    def setup(self, generator: Generator, make_optimizer: Callable, make_scheduler: Callable, *,
+              before_update: Callable[[list], None] = lambda params: None) -> None: ...
     def forward(self, batch) -> dict[str, torch.Tensor]: ...
     def backward(self, loss: torch.Tensor, last_micro: bool) -> None: ...
     def skip_micro(self, last_micro: bool) -> None: ...
-    def step(self, before_update: Callable[[list], None], skip: bool) -> StepResult: ...
-
-    def step_with_hooks(self, trainer, skip: bool) -> StepResult:
-        return self.step(lambda params: trainer._fire("on_before_optimizer_step", params), skip)
+    def step(self, skip: bool) -> StepResult: ...
     def lr(self) -> float: ...
+
+    def clip_grad_norm_(self, params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+        """Scale the gradients of `params` so their global norm is at most max_norm."""
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
     @property
     def generator(self) -> Generator: ...
     def full_state_dict(self) -> dict[str, torch.Tensor]: ...
@@ -103,7 +125,8 @@ class DDPStrategy(Strategy):
         self.device = device or torch.device("cpu")
         self.scaler = DynamicLossScaler(precision == "fp16", initial_loss_scale, loss_scale_floor)
 
-    def setup(self, generator, make_optimizer, make_scheduler):
+    def setup(self, generator, make_optimizer, make_scheduler, *, before_update=lambda params: None):
+        self.before_update = before_update
         self._generator = generator.to(self.device)
         module = StepModule(self._generator)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -133,7 +156,7 @@ class DDPStrategy(Strategy):
     def skip_micro(self, last_micro):
         pass  # nothing accumulated for this micro-batch; grads are zeroed in step()
 
-    def step(self, before_update, skip):
+    def step(self, skip):
         lr = self.lr()
         if skip:
             self.optimizer.zero_grad(set_to_none=True)
@@ -146,7 +169,7 @@ class DDPStrategy(Strategy):
         finite = all_ranks_true(bool(torch.isfinite(norm)))
         grad_norm = float(norm) if finite else None
         if finite:
-            before_update(self.params)  # hooks: clipping
+            self.before_update(self.params)  # hooks: clipping
             self.optimizer.step()
         self.scheduler.step()
         scale = self.scaler.scale
@@ -172,3 +195,74 @@ class DDPStrategy(Strategy):
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
+
+
+class NoGradStrategy(Strategy):
+    """For families fitted without gradients (capability 'fit', not 'train'):
+    no optimizer, no DDP wrapper, no DeepSpeed engine, whatever
+    `scale.strategy` says.
+
+    Per step every worker sums the `fit_statistics` of its micro-batches, the
+    sums are all-reduced (summed) over workers, and every rank calls
+    `apply_fit` with the same total, so all ranks hold the same state. The
+    model's state_dict (parameters and buffers) is the whole fitted state:
+    the trainer's model.safetensors holds it, so a resume is exact."""
+    name = "no-grad"
+    uses_gradients = False
+
+    def __init__(self, *, grad_accum: int = 1, device: torch.device | None = None):
+        self.grad_accum = grad_accum
+        self.device = device or torch.device("cpu")
+
+    def setup(self, generator, make_optimizer=None, make_scheduler=None, *, before_update=None):
+        self._generator = generator.to(self.device)
+
+    @property
+    def generator(self):
+        return self._generator
+
+    @torch.no_grad()
+    def statistics(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        stats = self._generator.fit_statistics(batch)
+        if not isinstance(stats, dict) or not all(torch.is_tensor(v) for v in stats.values()):
+            raise TypeError(f"{type(self._generator).__name__}.fit_statistics must return a dict of tensors")
+        return stats
+
+    @staticmethod
+    def add(total: dict[str, torch.Tensor] | None, stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if total is None:
+            return {k: v.detach().clone() for k, v in stats.items()}
+        if total.keys() != stats.keys():
+            raise ValueError(f"fit_statistics returned keys {sorted(stats)} after {sorted(total)}: "
+                             "every batch must give the same statistics")
+        for k, v in stats.items():
+            total[k] += v
+        return total
+
+    def all_reduce(self, total: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Sum the statistics over workers (sorted keys: every rank reduces in the same order)."""
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return total
+        out = {}
+        for k in sorted(total):
+            t = total[k].to(collective_device()).contiguous()
+            dist.all_reduce(t)
+            out[k] = t.to(total[k].device)
+        return out
+
+    @torch.no_grad()
+    def apply(self, total: dict[str, torch.Tensor], step: int) -> dict[str, float]:
+        metrics = self._generator.apply_fit(total, step) or {}
+        return {k: float(v) for k, v in metrics.items()}
+
+    def lr(self):
+        return 0.0
+
+    def full_state_dict(self):
+        return self._generator.state_dict()
+
+    def save(self, folder, rank):
+        pass  # the fitted state is the model's state_dict: the trainer writes it
+
+    def load(self, folder, rank):
+        pass

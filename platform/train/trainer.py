@@ -20,7 +20,9 @@ from safetensors.torch import load_file, save_file
 
 from raygen.models.base import DataInfo, Generator
 from raygen.spec.schema import JobSpec
-from raygen.train.checkpoint import CheckpointManager, capture_rng, load_torch, restore_rng, save_torch
+from raygen.train.checkpoint import (CheckpointManager, capture_rng, load_hook_state, load_torch, restore_rng,
+                                     save_hook_state, save_torch)
+from raygen.train.console import say
 from raygen.train.hooks import Hook
 from raygen.train.strategy import Strategy, all_ranks_true, barrier, batch_to_device, collective_device
 
@@ -70,6 +72,13 @@ def memory_per_worker(device: torch.device) -> dict[str, float]:
     return out
 
 
+class EvalWeightsProvider(Protocol):
+    """Supplies the weights eval, sample grids, FID and the export use instead
+    of the raw training weights (EMAHook does)."""
+    name: str
+    def eval_weights(self) -> dict[str, torch.Tensor]: ...
+
+
 class Trainer:
     def __init__(self, *, spec: JobSpec, data_info: DataInfo, make_generator: Callable[[], Generator],
                  strategy: Strategy, train_data: BatchSource, val_data: BatchSource | None,
@@ -89,8 +98,7 @@ class Trainer:
         self.run_meta = run_meta or {}
         self.state = TrainState()
         self.start_step = 0
-        self.ema = None           # set by EMAHook
-        self.restored_ema = None  # EMA weights read from a checkpoint, for EMAHook
+        self.eval_weights_provider: EvalWeightsProvider | None = None  # set by a hook (EMAHook)
         self.last_metrics: dict[str, float] = {}
         self.step_losses: list[float] = []  # loss of every step run in this process (tests, exact resume)
         self._eval_cache: tuple[int, dict[str, torch.Tensor]] | None = None
@@ -100,9 +108,19 @@ class Trainer:
         for hook in self.hooks:
             getattr(hook, event)(self, *args)
 
+    def set_eval_weights_provider(self, provider: EvalWeightsProvider) -> None:
+        current = self.eval_weights_provider
+        if current is not None and current is not provider:
+            raise RuntimeError(f"two hooks provide the eval weights ({current.name} and {provider.name}); keep one")
+        self.eval_weights_provider = provider
+
     def setup(self, resume_from: Path | None) -> None:
         from raygen.train.optim import build_optimizer, build_scheduler
 
+        keys = [h.key for h in self.hooks]
+        twice = sorted({k for k in keys if keys.count(k) > 1})
+        if twice:  # their state files would overwrite each other
+            raise ValueError(f"two hooks share the state key {twice[0]!r}: give one a distinct `state_key`")
         torch.manual_seed(self.spec.train.seed + self.rank)
         generator = self.make_generator()
         if resume_from is not None:
@@ -111,7 +129,8 @@ class Trainer:
         self.strategy.setup(
             generator,
             lambda params: build_optimizer(params, self.spec.train.optimizer, global_batch),
-            lambda opt: build_scheduler(opt, self.spec.train.schedule, self.spec.train.steps))
+            lambda opt: build_scheduler(opt, self.spec.train.schedule, self.spec.train.steps),
+            before_update=lambda params: self._fire("on_before_optimizer_step", params))
         if resume_from is not None:
             self._restore(resume_from)
 
@@ -121,14 +140,24 @@ class Trainer:
         state = json.loads((folder / "state.json").read_text())
         self.state = TrainState(**state["train_state"])
         self.start_step = self.state.step
-        if (folder / "ema.safetensors").is_file():
-            self.restored_ema = load_file(str(folder / "ema.safetensors"))
         rng_file = folder / f"rng-{self.rank}.pt"
         if state.get("world_size") == self.world_size and rng_file.is_file():
             restore_rng(load_torch(rng_file))
         elif self.rank == 0:
-            print(f"[raygen] resuming with {self.world_size} worker(s) instead of {state.get('world_size')}: "
-                  "random streams restart, so the run continues but is not bit-identical", flush=True)
+            say(f"resuming with {self.world_size} worker(s) instead of {state.get('world_size')}: "
+                "random streams restart, so the run continues but is not bit-identical")
+
+    def _restore_hooks(self, folder: Path) -> None:
+        """Every hook's saved state, after on_train_start built the hooks' own state."""
+        for hook in self.hooks:
+            if hook.state_dict() is None:
+                continue
+            state = load_hook_state(folder, hook.key)
+            if state is None:
+                if self.rank == 0:
+                    say(f"{folder.name} holds no state for hook {hook.key!r}: it starts afresh")
+                continue
+            hook.load_state_dict(state)
 
     # ------------------------------------------------------------ batches
     def _stream(self) -> Iterator[dict[str, Any]]:
@@ -150,37 +179,18 @@ class Trainer:
         (with a checkpoint) so it can be resumed later."""
         self.setup(resume_from)
         self._fire("on_train_start")
+        if resume_from is not None:
+            self._restore_hooks(resume_from)
         spec = self.spec.train
         stream = self._stream()
-        accum = self.strategy.grad_accum
+        one_step = self._gradient_step if self.strategy.uses_gradients else self._fit_step
         t_last = time.perf_counter()
         while self.state.step < spec.steps:
             t0 = time.perf_counter()
-            data_wait = 0.0
-            loss_total, bad, extra = 0.0, False, {}
-            images = 0
-            for micro in range(accum):
-                tw = time.perf_counter()
-                batch = next(stream)
-                data_wait += time.perf_counter() - tw
-                images += batch["image"].shape[0]
-                batch = batch_to_device(batch, self.strategy.device)
-                out = self.strategy.forward(batch)
-                loss = out["loss"]
-                last = micro == accum - 1
-                if all_ranks_true(bool(torch.isfinite(loss.detach()).all())):
-                    self.strategy.backward(loss, last)
-                    loss_total += float(loss.detach()) / accum
-                    for k, v in out.items():
-                        if k != "loss":
-                            extra[k] = extra.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v) / accum
-                else:
-                    bad = True
-                    self.strategy.skip_micro(last)
-            result = self.strategy.step_with_hooks(self, skip=bad)
+            metrics, applied, images = one_step(stream)
             self.state.step += 1
             self.state.images_seen += images * self.world_size
-            if result.applied:
+            if applied:
                 self.state.consecutive_bad = 0
             else:
                 self.state.consecutive_bad += 1
@@ -189,23 +199,20 @@ class Trainer:
                     raise NonFiniteError(
                         f"stopped at step {self.state.step}: {self.state.consecutive_bad} non-finite steps in a row "
                         f"(loss or gradients were NaN/inf). Last good checkpoint: {self.state.last_good_checkpoint or 'none'}. "
-                        "Lower train.optimizer.lr, set train.clip.norm, or use fp32/bf16.")
+                        "Lower train.optimizer.lr, set train.clip.norm, or use fp32/bf16."
+                        if self.strategy.uses_gradients else
+                        f"stopped at step {self.state.step}: {self.state.consecutive_bad} steps in a row gave non-finite "
+                        f"fit statistics. Last good checkpoint: {self.state.last_good_checkpoint or 'none'}. "
+                        "Check the data for NaN/inf values.")
             now = time.perf_counter()
-            step_time = now - t0
-            metrics = {"loss": loss_total if not bad else float("nan"), "lr": result.lr,
-                       "step_applied": 1.0 if result.applied else 0.0, "bad_steps": float(self.state.bad_steps),
-                       "step_time_s": step_time, "data_wait_s": data_wait,
-                       "images_per_s": images * self.world_size / max(now - t_last, 1e-9),
-                       "loss_scale": result.loss_scale, "epoch": float(self.state.epoch),
-                       "corrupt_records": float(getattr(self.train_data, "corrupt_count", 0)),
-                       **{f"train_{k}": v for k, v in extra.items()}}
+            metrics.update({"step_applied": 1.0 if applied else 0.0, "bad_steps": float(self.state.bad_steps),
+                            "step_time_s": now - t0,
+                            "images_per_s": images * self.world_size / max(now - t_last, 1e-9),
+                            "epoch": float(self.state.epoch),
+                            "corrupt_records": float(getattr(self.train_data, "corrupt_count", 0))})
             if self.state.step % spec.log_every == 0:  # a tiny all-gather, not every step
                 metrics.update(memory_per_worker(self.strategy.device))
-            if result.grad_norm is not None:
-                metrics["grad_norm"] = result.grad_norm
             t_last = now
-            if not bad:
-                self.step_losses.append(loss_total)
             self.last_metrics = metrics
             self._fire("on_step_end", metrics)
             step = self.state.step
@@ -224,16 +231,69 @@ class Trainer:
         self._fire("on_train_end")
         return self.last_metrics
 
+    def _gradient_step(self, stream: Iterator[dict[str, Any]]) -> tuple[dict[str, float], bool, int]:
+        """Forward and backward over `grad_accum` micro-batches, then one optimizer step."""
+        accum = self.strategy.grad_accum
+        data_wait, loss_total, bad, extra, images = 0.0, 0.0, False, {}, 0
+        for micro in range(accum):
+            tw = time.perf_counter()
+            batch = next(stream)
+            data_wait += time.perf_counter() - tw
+            images += batch["image"].shape[0]
+            batch = batch_to_device(batch, self.strategy.device)
+            out = self.strategy.forward(batch)
+            loss = out["loss"]
+            last = micro == accum - 1
+            if all_ranks_true(bool(torch.isfinite(loss.detach()).all())):
+                self.strategy.backward(loss, last)
+                loss_total += float(loss.detach()) / accum
+                for k, v in out.items():
+                    if k != "loss":
+                        extra[k] = extra.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v) / accum
+            else:
+                bad = True
+                self.strategy.skip_micro(last)
+        result = self.strategy.step(skip=bad)
+        metrics = {"loss": loss_total if not bad else float("nan"), "lr": result.lr, "data_wait_s": data_wait,
+                   "loss_scale": result.loss_scale, **{f"train_{k}": v for k, v in extra.items()}}
+        if result.grad_norm is not None:
+            metrics["grad_norm"] = result.grad_norm
+        if not bad:
+            self.step_losses.append(loss_total)
+        return metrics, result.applied, images
+
+    def _fit_step(self, stream: Iterator[dict[str, Any]]) -> tuple[dict[str, float], bool, int]:
+        """Gradient-free: sum `fit_statistics` over micro-batches and workers,
+        then every rank applies the same total (see NoGradStrategy)."""
+        strategy = self.strategy
+        data_wait, total, images = 0.0, None, 0
+        for _ in range(strategy.grad_accum):
+            tw = time.perf_counter()
+            batch = next(stream)
+            data_wait += time.perf_counter() - tw
+            images += batch["image"].shape[0]
+            total = strategy.add(total, strategy.statistics(batch_to_device(batch, strategy.device)))
+        finite = all(bool(torch.isfinite(v).all()) for v in total.values() if v.is_floating_point())
+        metrics: dict[str, float] = {"lr": 0.0, "data_wait_s": data_wait}
+        if not all_ranks_true(finite):
+            metrics["loss"] = float("nan")
+            return metrics, False, images
+        fitted = strategy.apply(strategy.all_reduce(total), self.state.step + 1)
+        metrics.update({k if k == "loss" else f"fit_{k}": v for k, v in fitted.items()})
+        if "loss" in fitted:
+            self.step_losses.append(fitted["loss"])
+        return metrics, True, images
+
     def _report_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
-        return {"step": float(self.state.step), "loss": metrics["loss"], "lr": metrics["lr"]}
+        return {"step": float(self.state.step), **{k: metrics[k] for k in ("loss", "lr") if k in metrics}}
 
     # ------------------------------------------------------------ eval
     def eval_weights(self) -> dict[str, torch.Tensor]:
-        """EMA weights when kept, else the full weights. Gathering sharded (ZeRO-3)
-        weights is a collective, so it happens once per step on every rank and
-        rank-0-only hooks reuse the result."""
-        if self.ema is not None:
-            return self.ema.state_dict()
+        """The eval weights provider's (EMA) when there is one, else the full
+        weights. Gathering sharded (ZeRO-3) weights is a collective, so it
+        happens once per step on every rank and rank-0-only hooks reuse the result."""
+        if self.eval_weights_provider is not None:
+            return self.eval_weights_provider.eval_weights()
         if self._eval_cache is None or self._eval_cache[0] != self.state.step:
             self._eval_cache = (self.state.step, self.strategy.full_state_dict())
         return self._eval_cache[1]
@@ -242,14 +302,15 @@ class Trainer:
         """A float32 copy of the generator holding the eval weights (EMA when kept)."""
         model = self.make_generator()
         state = self.eval_weights()
-        model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in state.items()})
+        own = model.state_dict()
+        model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
         return model.eval()
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         metrics: dict[str, float] = {}
         self.eval_weights()  # every rank takes part in gathering the weights, before any rank-0 hook needs them
-        if self.val_data is not None:
+        if self.val_data is not None and self.strategy.uses_gradients:  # validation loss needs a training_step
             from itertools import islice
 
             from raygen.train.validation import validation_metrics, validation_sums
@@ -282,13 +343,16 @@ class Trainer:
         barrier()
         final = None
         if self.rank == 0:
-            from raygen.models.io import export_generator
+            from raygen.exports import export_generator
             save_file({k: v.detach().cpu().contiguous() for k, v in full.items()}, str(tmp / "model.safetensors"))
-            if self.ema is not None:
-                save_file({k: v.contiguous() for k, v in self.ema.state_dict().items()}, str(tmp / "ema.safetensors"))
-            weights = self.ema.state_dict() if self.ema is not None else full
+            for hook in self.hooks:
+                hook_state = hook.state_dict()
+                if hook_state is not None:
+                    save_hook_state(tmp, hook.key, hook_state)
+            provider = self.eval_weights_provider
+            weights = provider.eval_weights() if provider is not None else full
             export_generator(tmp / "export", weights, self.spec, self.data_info,
-                             {**self.run_meta, "step": step, "weights": "ema" if self.ema is not None else "raw"})
+                             {**self.run_meta, "step": step, "weights": provider.name if provider is not None else "raw"})
             self._fire("on_checkpoint", tmp)
             finite = {k: v for k, v in metrics.items() if isinstance(v, float) and math.isfinite(v)}
             final = self.checkpoints.commit(step, {"train_state": asdict(self.state), "world_size": self.world_size,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -12,13 +13,80 @@ from raygen.models.base import DataInfo
 from raygen.spec.schema import JobSpec
 from raygen.train.checkpoint import CheckpointManager, find_latest_checkpoint
 from raygen.train.hooks import EMAHook, GradClipHook, Hook, MetricsSinkHook, ProgressHook, SampleGridHook
-from raygen.train.strategy import DDPStrategy, Strategy
+from raygen.train.strategy import DDPStrategy, NoGradStrategy, Strategy
 from raygen.train.trainer import Trainer
 
 POINTER = "raygen_checkpoint.json"
 
 
+@dataclass(frozen=True, kw_only=True)
+class WorkerConfig:
+    """Everything `train_worker` needs, built by the driver (raygen.train.runner).
+
+    Ray hands `train_loop_config` to the workers as a plain dict: `to_dict`
+    makes one of plain values and `from_dict` parses it back (the spec through
+    the spec parser), so a missing or unknown key fails at the top of the
+    worker with its name, not halfway through a run."""
+    spec: JobSpec
+    data_info: DataInfo
+    run_dir: Path
+    data_dir: Path | None = None
+    tracking_uri: str | None = None
+    mlflow_run_id: str | None = None
+    resume_from: Path | None = None      # a checkpoint to start from (--resume)
+    stop_after: int | None = None        # pause at this step, with a checkpoint
+    progress: bool = True                # progress events and messages for the driver's console
+    threads_per_worker: int = 1
+    family_sources: tuple[str, ...] = ()  # files registering families outside entry points
+
+    def to_dict(self) -> dict[str, Any]:
+        from raygen.spec.loader import spec_to_dict
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out.update(spec=spec_to_dict(self.spec), data_info=self.data_info.to_dict(), run_dir=str(self.run_dir),
+                   data_dir=str(self.data_dir) if self.data_dir else None,
+                   resume_from=str(self.resume_from) if self.resume_from else None,
+                   family_sources=list(self.family_sources))
+        return out
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "WorkerConfig":
+        from raygen.spec.loader import parse_spec
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        missing = sorted(f.name for f in fields(cls) if f.name in ("spec", "data_info", "run_dir") and f.name not in raw)
+        if unknown or missing:
+            raise ValueError(f"train_worker config: unknown keys {unknown}, missing keys {missing}; "
+                             f"it takes {sorted(known)}")
+        values = dict(raw)
+        values.update(spec=parse_spec(raw["spec"]), data_info=DataInfo.from_dict(raw["data_info"]),
+                      run_dir=Path(raw["run_dir"]),
+                      data_dir=Path(raw["data_dir"]) if raw.get("data_dir") else None,
+                      resume_from=Path(raw["resume_from"]) if raw.get("resume_from") else None,
+                      family_sources=tuple(raw.get("family_sources") or ()))
+        return cls(**values)
+
+
+def fits_without_gradients(spec: JobSpec) -> bool:
+    """A family that declares 'fit' but not 'train' runs under NoGradStrategy."""
+    from raygen.models.capabilities import Capability
+    from raygen.models.registry import get_family
+    caps = get_family(spec.model.family).capabilities
+    return Capability.TRAIN not in caps and Capability.FIT in caps
+
+
+def describe_strategy(spec: JobSpec) -> str:
+    """The strategy a run will use, in words, for the driver's run line."""
+    if fits_without_gradients(spec):
+        return f"no-gradient fit (family {spec.model.family} declares 'fit', not 'train'; scale.strategy ignored)"
+    if spec.scale.strategy == "deepspeed":
+        return f"deepspeed ZeRO-{spec.scale.zero_stage}"
+    return spec.scale.strategy
+
+
 def make_strategy(spec: JobSpec, world_size: int, device: torch.device) -> Strategy:
+    if fits_without_gradients(spec):
+        # no optimizer and no DeepSpeed engine, whatever scale.strategy says
+        return NoGradStrategy(grad_accum=spec.train.grad_accum, device=device)
     if spec.scale.strategy == "deepspeed":
         from raygen.train.deepspeed_strategy import DeepSpeedStrategy, build_deepspeed_config
         return DeepSpeedStrategy(ds_config=build_deepspeed_config(spec, world_size),
@@ -30,9 +98,10 @@ def make_strategy(spec: JobSpec, world_size: int, device: torch.device) -> Strat
 
 def make_hooks(spec: JobSpec, *, sink, run_dir: Path, progress: bool, data_dir: str | None = None) -> list[Hook]:
     hooks: list[Hook] = []
-    if spec.scale.strategy == "ddp" and (spec.train.clip.norm or spec.train.clip.value):
-        hooks.append(GradClipHook(spec.train.clip.norm, spec.train.clip.value))
-    if spec.train.ema.enabled:
+    gradients = not fits_without_gradients(spec)  # clipping and EMA concern gradient-trained weights only
+    if gradients and (spec.train.clip.norm or spec.train.clip.value):
+        hooks.append(GradClipHook(spec.train.clip.norm, spec.train.clip.value))  # every strategy alike
+    if gradients and spec.train.ema.enabled:
         hooks.append(EMAHook(spec.train.ema.decay, spec.train.ema.start_step))
     hooks.append(ProgressHook(spec.train.log_every, spec.train.steps, enabled=progress))
     if sink is not None:
@@ -44,7 +113,7 @@ def make_hooks(spec: JobSpec, *, sink, run_dir: Path, progress: bool, data_dir: 
     return hooks
 
 
-def _resume_folder(config: dict[str, Any], run_dir: Path) -> Path | None:
+def _resume_folder(config: WorkerConfig, run_dir: Path) -> Path | None:
     """Where to continue from. A run folder is new unless --resume, so a
     completed checkpoint in it means this is a restart after a failure (Ray
     restarted the workers) or a resume: continue from the newest one. Ray's
@@ -53,7 +122,7 @@ def _resume_folder(config: dict[str, Any], run_dir: Path) -> Path | None:
     latest = find_latest_checkpoint(run_dir)
     if latest is not None:
         return latest
-    return Path(config["resume_from"]) if config.get("resume_from") else None
+    return config.resume_from
 
 
 PLACEMENT_GROUP_FILE = ".ray_placement_group"
@@ -68,27 +137,42 @@ def record_placement_group(run_dir: Path) -> None:
         (run_dir / PLACEMENT_GROUP_FILE).write_text(pg.id.hex())
 
 
-def train_worker(config: dict[str, Any]) -> None:
+def train_worker(raw_config: dict[str, Any]) -> None:
+    """Ray Train's per-worker function; `raw_config` is `WorkerConfig.to_dict()`."""
+    import ray.train
+
+    from raygen.models.registry import import_family_sources
+    from raygen.train.console import worker_console
+
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    run_dir = Path(raw_config["run_dir"])
+    # stdout/stderr (library chatter) into run.log; rank 0's progress and messages to the driver's console
+    with worker_console(run_dir, rank, progress=bool(raw_config.get("progress", True))):
+        import_family_sources(raw_config.get("family_sources") or [])  # families registered outside entry points
+        _train(WorkerConfig.from_dict(raw_config), ctx)
+
+
+def _train(config: WorkerConfig, ctx) -> None:
     import ray.train
     from ray.train import Checkpoint
 
     from raygen.data import WorkerBatches
     from raygen.models.registry import build_model
-    from raygen.spec.loader import parse_spec
+    from raygen.train.components import load_components
+    from raygen.train.console import say
 
-    spec = parse_spec(config["spec"])
-    ctx = ray.train.get_context()
+    spec, info, run_dir = config.spec, config.data_info, config.run_dir
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = torch.device(f"cuda:{ctx.get_local_rank()}") if spec.scale.use_gpu and torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    torch.set_num_threads(max(1, int(config.get("threads_per_worker", 1))))
-    info = DataInfo.from_dict(config["data_info"])
-    run_dir = Path(config["run_dir"])
+    torch.set_num_threads(max(1, config.threads_per_worker))
+    components = load_components(spec)  # frozen, loaded once; every model this worker builds shares them
     sink = None
-    if rank == 0 and config.get("mlflow_run_id"):
+    if rank == 0 and config.mlflow_run_id:
         from raygen.tracking.mlflow_sink import MlflowSink
-        sink = MlflowSink(config["tracking_uri"], config["mlflow_run_id"])
+        sink = MlflowSink(config.tracking_uri, config.mlflow_run_id)
 
     def report(metrics: dict[str, float], folder: Path | None) -> None:
         if folder is not None and rank == 0:
@@ -98,23 +182,26 @@ def train_worker(config: dict[str, Any]) -> None:
         else:
             ray.train.report(metrics)
 
+    strategy = make_strategy(spec, world, device)
     trainer = Trainer(
         spec=spec, data_info=info,
-        make_generator=lambda: build_model(spec.model.family, spec.model.config, info),
-        strategy=make_strategy(spec, world, device),
+        make_generator=lambda: build_model(spec.model.family, spec.model.config, info, components),
+        strategy=strategy,
         train_data=WorkerBatches(ray.train.get_dataset_shard("train"), spec.data, rank=rank, world_size=world, train=True),
         val_data=WorkerBatches(ray.train.get_dataset_shard("val"), spec.data, rank=rank, world_size=world, train=False),
-        hooks=make_hooks(spec, sink=sink, run_dir=run_dir, progress=config.get("progress", True),
-                         data_dir=config.get("data_dir")),
+        hooks=make_hooks(spec, sink=sink, run_dir=run_dir, progress=config.progress,
+                         data_dir=str(config.data_dir) if config.data_dir else None),
         checkpoints=CheckpointManager(run_dir / "checkpoints", spec.train.keep_checkpoints,
                                       spec.train.best_metric, spec.train.best_mode),
         report=report, rank=rank, world_size=world,
-        run_meta={"run_id": config.get("mlflow_run_id"), "run_dir": str(run_dir)},
+        run_meta={"run_id": config.mlflow_run_id, "run_dir": str(run_dir)},
     )
     if rank == 0:
         trainer.checkpoints.clean_stale()
         record_placement_group(run_dir)
+        if not strategy.uses_gradients and spec.scale.strategy != "ddp":
+            say(f"{spec.model.family} is fitted without gradients: scale.strategy={spec.scale.strategy} is not used")
     resume = _resume_folder(config, run_dir)
     if resume is not None and rank == 0:
-        print(f"[raygen] resuming from {resume}", flush=True)
-    trainer.fit(resume, stop_after=config.get("stop_after"))
+        say(f"resuming from {resume}")
+    trainer.fit(resume, stop_after=config.stop_after)

@@ -8,66 +8,60 @@ import torch
 from raygen.spec.schema import JobSpec
 
 
-def generate(model, n: int, seed: int, batch: int = 64) -> torch.Tensor:
-    """n samples in batches, cycling class labels when the model is class-conditional."""
-    from raygen.train.images import class_cycle_labels
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    kind = getattr(model, "conditioning", "none")
-    for start in range(0, n, batch):
-        k = min(batch, n - start)
-        labels = None
-        if kind == "label":
-            labels = (class_cycle_labels(start + k, model.data_info.num_classes))[start:]
-        captions = None
-        if kind == "caption":
-            names = model.data_info.class_names or ["an image"]
-            captions = [names[(start + i) % len(names)] for i in range(k)]
-        out.append(model.sample(k, labels=labels, captions=captions, generator=gen))
-    return torch.cat(out)
-
-
-# The domain feature net is fit on (at most) this many train images; the same
-# subset everywhere keeps one cache entry per dataset.
-DOMAIN_FIT_IMAGES = 8192
+def generate(model, n: int, seed: int, batch: int = 64, records: dict | None = None) -> torch.Tensor:
+    """n samples for FID: conditioned on the first n validation `records` when
+    given (scene for scene, label for label), else cycling through the classes."""
+    from raygen.train.sampling import conditions_from_records, cycling_conditions, sample_set
+    conditions = conditions_from_records(model, records, n) if records is not None else cycling_conditions(model, n)
+    if conditions is None:
+        raise ValueError(f"a {model.condition_kind}-conditioned model is sampled for FID from validation records")
+    return sample_set(model, conditions, seed, batch)
 
 
 def dataset_extractor(spec: JobSpec, data_dir: Path):
-    """The spec's named FID extractor for this dataset (trained once, then cached)."""
-    from raygen.data import load_split_images
+    """The spec's named FID extractor for this dataset (trained once, then cached).
+    The domain net is fit on the prepared folder's own fit images (not on a split
+    decoded with this spec's settings), so `raygen metrics fid` on the same
+    folder finds the same net."""
     from raygen.metrics import get_dataset_extractor
 
     cache_dir = Path(spec.data.root) / "fid-cache"
     if spec.track.fid.extractor != "domain":
         return get_dataset_extractor(spec.track.fid.extractor, data_dir, cache_dir=cache_dir)
-    train = load_split_images(data_dir, "train", spec.data, limit=DOMAIN_FIT_IMAGES)
-    return get_dataset_extractor("domain", data_dir, train["image"], train.get("label"), cache_dir,
-                                 max_seconds=spec.track.fid.fit_seconds)
+    return get_dataset_extractor("domain", data_dir, cache_dir=cache_dir, steps=spec.track.fid.fit_steps)
 
 
 def compute_run_fid(spec: JobSpec, model, data_dir: Path, n: int) -> dict:
-    """FID/KID of n samples against n val images, with the spec's named extractor."""
+    """FID/KID of n samples against n val images, with the spec's named extractor,
+    plus "fid_floor": the FID of n train images against the same val images, i.e.
+    what a perfect generator would score here (cached beside the val statistics)."""
     from raygen.data import load_split_images
-    from raygen.metrics import compute_fid
+    from raygen.metrics import compute_fid, fid_floor, reference_stats
 
+    cache_dir = Path(spec.data.root) / "fid-cache"
     ref = load_split_images(data_dir, "val", spec.data, limit=n)
     extractor = dataset_extractor(spec, data_dir)
+    stats = reference_stats(ref["image"], extractor, cache_dir=cache_dir)
     fake = generate(model, min(n, len(ref["image"])), seed=spec.train.seed + 1)
-    return compute_fid(fake, ref["image"], extractor)
+    result = compute_fid(fake, stats, extractor)
+    train = load_split_images(data_dir, "train", spec.data, limit=stats.n)
+    result["fid_floor"] = fid_floor(train["image"], stats, extractor, cache_dir=cache_dir)
+    return result
 
 
 def finish_run(spec: JobSpec, out, tracked, data_dir: Path, *, progress: bool = True) -> None:
-    from raygen.models.io import load_exported
+    from raygen.exports import load_exported
     from raygen.tracking.models import log_and_register
-    from raygen.train.images import sample_grid_png
+    from raygen.models import Capability, has
+    from raygen.train.sampling import sample_grid_png
 
     export = out.checkpoint / "export"
     loaded = load_exported(export)
     name = spec.name if spec.track.register_model else None
     from raygen.tracking.plots import log_loss_curve
     log_loss_curve(tracked, out.run_dir / "loss_curve.png")
-    if getattr(loaded.model, "is_scorer", False):
-        # a scorer family (clip) has no images to sample or score with FID
+    if not has(loaded.model, Capability.SAMPLE):
+        # a family that makes no images (a scorer such as clip) has nothing to grid or score with FID
         tracked.log_artifact(out.checkpoint, f"checkpoint/{out.checkpoint.name}")
         out.model_uri = log_and_register(tracked.tracking_uri, tracked.run_id, export, name)
         tracked.set_tags({"raygen.model_uri": out.model_uri})
@@ -81,9 +75,12 @@ def finish_run(spec: JobSpec, out, tracked, data_dir: Path, *, progress: bool = 
             print(f"[raygen] computing FID on {spec.track.fid.samples} samples "
                   f"(extractor: {spec.track.fid.extractor})", flush=True)
         fid = compute_run_fid(spec, loaded.model, data_dir, spec.track.fid.samples)
-        out.metrics.update({"fid": fid["fid"], "kid": fid["kid"]})
-        tracked.log_metrics({"fid": fid["fid"], "kid": fid["kid"], "fid_samples": float(fid["n_generated"])},
-                            step=spec.train.steps)
+        out.metrics.update({"fid": fid["fid"], "kid": fid["kid"], "fid_floor": fid["fid_floor"]})
+        tracked.log_metrics({"fid": fid["fid"], "kid": fid["kid"], "fid_floor": fid["fid_floor"],
+                             "fid_samples": float(fid["n_generated"])}, step=spec.train.steps)
+        if progress:  # the floor (train vs val images) is what a perfect generator would score
+            print(f"[raygen] FID {fid['fid']:.2f} (real-vs-real floor {fid['fid_floor']:.2f}, "
+                  f"{fid['n_generated']} samples, {fid['extractor']})", flush=True)
         tracked.set_tags({"fid.extractor": fid["extractor"], "fid.samples": fid["n_generated"],
                           "fid.reference": f"{data_dir.name}/val ({fid['n_reference']} images)"})
     out.model_uri = log_and_register(tracked.tracking_uri, tracked.run_id, export, name)

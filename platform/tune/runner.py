@@ -70,25 +70,19 @@ def _trial_fn(base_raw: dict, parent_run_id: str, tracking_uri: str, sweep_dir: 
 
 
 def run_tune(spec: JobSpec, *, tracking_uri: str | None = None, address: str | None = None,
-             progress: bool = True) -> TuneResult:
+             progress: bool = True, verbose: bool = False) -> TuneResult:
     from ray import tune
 
     from raygen.data import ensure_dataset
     from raygen.tracking.store import default_tracking_uri, open_run
     from raygen.train.cluster import ensure_ray
-    from raygen.train.runner import check_compatibility, pick_run_dir
+    from raygen.spec.checks import check_runnable
+    from raygen.train.runner import pick_run_dir
 
-    check_compatibility(spec)
+    check_runnable(spec, tune=True)  # the same checks as `raygen spec validate`, every trial included
     param_space = build_param_space(spec.tune)
-    for key in spec.tune.space:  # every searched key must exist in the spec
-        sample = next(iter(spec.tune.space[key].values()))
-        probe = sample[0] if isinstance(sample, list) else sample
-        try:
-            parse_spec(apply_overrides(spec_to_dict(spec), {key: probe}))
-        except SpecError as err:
-            raise SpecError([f"tune.space.{key}: {p}" for p in err.problems]) from None
     ensure_dataset(spec.data)  # prepare once, before trials race to do it
-    resources = ensure_ray(address or spec.scale.address)
+    resources = ensure_ray(address or spec.scale.address, quiet=not verbose)  # trials' output: their run.log
     concurrent = spec.tune.max_concurrent
     trial_cpu = 0.1
     spare = resources.get("CPU", 1) - 1.0 - trial_cpu * concurrent  # one CPU stays free for Ray Data

@@ -27,7 +27,7 @@ def expand_paths(source: str | None, suffix: str, what: str) -> list[Path]:
     return files
 
 
-def guess_geometry(first_image: bytes, where: str, resolution: int | None, channels: int | None) -> tuple[int, int]:
+def guess_geometry(first_image: bytes, where: str, resolution, channels: int | None) -> tuple:
     """Default resolution (the shorter side) and channels (1 for grey modes)
     from the first image, where the user gave none."""
     if resolution and channels:

@@ -51,6 +51,31 @@ def _image_bytes(value, base: Path) -> bytes | None:
     return None
 
 
+def _check_same_columns(files: list[Path]) -> None:
+    """Shards of one import must share their columns: a column missing from
+    some would be filled with nulls and read as records it does not hold."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    first = None
+    for f in files:
+        try:
+            names = pq.read_schema(f).names
+        except (pa.ArrowException, OSError) as err:
+            raise DataError(f"parquet import: cannot read {f}: {err}") from None
+        if first is None:
+            first = (f, names)
+            continue
+        only_first = [n for n in first[1] if n not in names]
+        only_this = [n for n in names if n not in first[1]]
+        if only_first or only_this:
+            diff = "; ".join(part for part in (
+                f"only {first[0]} has {', '.join(only_first)}" if only_first else "",
+                f"only {f} has {', '.join(only_this)}" if only_this else "") if part)
+            raise DataError(f"parquet import: {first[0]} and {f} have different columns ({diff}); "
+                            "import shards with the same columns together, or each set on its own")
+
+
 @register
 class ParquetImport(DatasetBuilder):
     name = "parquet"
@@ -62,6 +87,7 @@ class ParquetImport(DatasetBuilder):
         import pyarrow.parquet as pq
 
         files = expand_paths(req.source, ".parquet", "parquet")
+        _check_same_columns(files)
         try:
             table = pa.concat_tables([pq.read_table(f) for f in files], promote_options="default")
         except (pa.ArrowException, OSError) as err:

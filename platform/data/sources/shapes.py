@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from raygen.data.errors import DataError
-from raygen.data.images import to_channels_array, to_pil
+from raygen.data.images import as_size, to_channels_array, to_pil
 from raygen.data.manifest import ExtraColumn
 from raygen.data.registry import DatasetBuilder, PrepareRequest, SourcePlan, record_rng, register, split_counts
 from raygen.data.shards import Record
@@ -36,16 +36,29 @@ def shape_mask(kind: str, x: np.ndarray, y: np.ndarray, cx: float, cy: float, s:
     return (y >= cy - s) & (y <= cy + s) & (np.abs(x - cx) <= (y - (cy - s)) / 2.0)
 
 
-def draw_shapes(params: np.ndarray, resolution: int) -> np.ndarray:
-    """Rows of SHAPE_FIELDS -> HxWx3 uint8 on black (4x supersampled)."""
-    R = resolution * SUPERSAMPLE
-    g = (np.arange(R) + 0.5) / R
-    x, y = np.meshgrid(g, g)
-    img = np.zeros((R, R, 3), np.float64)
+def _side_fractions(n: int, side: int) -> np.ndarray:
+    """Supersampled pixel centres along an axis of `n` pixels, as fractions
+    of the centred `side`-pixel square (outside it: < 0 or > 1)."""
+    g = (np.arange(n * SUPERSAMPLE) + 0.5) / (n * SUPERSAMPLE)
+    return g if n == side else (g * n - (n - side) / 2.0) / side
+
+
+def draw_shapes(params: np.ndarray, resolution) -> np.ndarray:
+    """Rows of SHAPE_FIELDS -> HxWx3 uint8 on black (4x supersampled).
+
+    `resolution` is one int or (height, width). Positions are fractions of
+    the shorter side, in the centred square: a non-square image shows the
+    same shapes with more black background beside them, so the caption
+    stays true.
+    """
+    h, w = as_size(resolution)
+    side = min(h, w)
+    x, y = np.meshgrid(_side_fractions(w, side), _side_fractions(h, side))
+    img = np.zeros((h * SUPERSAMPLE, w * SUPERSAMPLE, 3), np.float64)
     for kind, color, cx, cy, s in np.asarray(params, np.float64):
         m = shape_mask(KINDS[int(kind)], x, y, cx, cy, s)
         img[m] = COLORS[COLOR_NAMES[int(color)]]
-    img = img.reshape(resolution, SUPERSAMPLE, resolution, SUPERSAMPLE, 3).mean(axis=(1, 3))
+    img = img.reshape(h, SUPERSAMPLE, w, SUPERSAMPLE, 3).mean(axis=(1, 3))
     return np.round(img).astype(np.uint8)
 
 
@@ -94,8 +107,9 @@ class Shapes(DatasetBuilder):
     def plan(self, req: PrepareRequest, opts) -> SourcePlan:
         if opts.max_shapes not in (1, 2):
             raise DataError(f"shapes option max_shapes: {opts.max_shapes} must be 1 or 2")
-        if req.resolution < 16:
-            raise DataError(f"shapes: resolution {req.resolution} is too small to draw shapes; use 16 or more")
+        if min(req.size) < 16:
+            raise DataError(f"shapes: resolution {req.resolution} is too small to draw shapes; use 16 or more "
+                            "on each side")
         res, ch = req.resolution, req.channels
         counts = split_counts(req.count, req.val_fraction)
 

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from raygen.data.errors import DataError
-from raygen.data.images import to_channels_array, to_pil
+from raygen.data.images import as_size, to_channels_array, to_pil
 from raygen.data.manifest import ExtraColumn
 from raygen.data.registry import DatasetBuilder, PrepareRequest, SourcePlan, record_rng, register, split_counts
 from raygen.data.shards import Record
@@ -58,20 +58,30 @@ def random_scene(rng: np.random.Generator, max_spheres: int = 4) -> Scene:
     return Scene(np.asarray(rows, np.float32), glob.astype(np.float32))
 
 
-def render_spheres(scene: Scene | Mapping[str, Any], resolution: int) -> np.ndarray:
+def _plane_coords(n: int, side: int) -> np.ndarray:
+    """Supersampled pixel centres along an axis of `n` pixels on the image
+    plane, in units where the shorter image side (`side` pixels) spans -1..1."""
+    R = n * SUPERSAMPLE
+    c = (np.arange(R) + 0.5) / R * 2.0 - 1.0
+    return c if n == side else c * (n / side)
+
+
+def render_spheres(scene: Scene | Mapping[str, Any], resolution) -> np.ndarray:
     """Ray-trace a scene to an HxWx3 uint8 image (pure numpy, deterministic).
 
     Pinhole camera at the origin looking along +z; a directional light with
     Lambert diffuse, Blinn-Phong specular highlights and hard shadows; a
     vertical background gradient; 2x2 supersampling against jagged edges.
+    `resolution` is one int or (height, width): the shorter side keeps the
+    square image's field of view and the longer side sees more of the scene.
     """
     if not isinstance(scene, Scene):
         scene = Scene.from_record(scene)
     sph = scene.spheres.astype(np.float64)
     glob = scene.globals.astype(np.float64)
-    R = resolution * SUPERSAMPLE
-    c = (np.arange(R) + 0.5) / R * 2.0 - 1.0
-    u, v = np.meshgrid(c, -c)                     # v points up
+    height, width = as_size(resolution)
+    side = min(height, width)
+    u, v = np.meshgrid(_plane_coords(width, side), -_plane_coords(height, side))   # v points up
     d = np.stack([u * FOCAL_HALF_WIDTH, v * FOCAL_HALF_WIDTH, np.ones_like(u)], axis=-1)
     d /= np.linalg.norm(d, axis=-1, keepdims=True)
 
@@ -87,6 +97,8 @@ def render_spheres(scene: Scene | Mapping[str, Any], resolution: int) -> np.ndar
 
     light = glob[0:3] / np.linalg.norm(glob[0:3])
     ambient = glob[3]
+    # the gradient is a function of the ray's direction (part of the scene, like the spheres), so a taller
+    # image continues it past the square's top and bottom (clipped to the colour range below)
     bg = glob[7:10][None, None] + (glob[4:7] - glob[7:10])[None, None] * ((v + 1) / 2)[..., None]
     img = bg.copy()
     if hit.any():
@@ -108,7 +120,7 @@ def render_spheres(scene: Scene | Mapping[str, Any], resolution: int) -> np.ndar
         color = albedo * (ambient + sph[k, 7] * diff)[:, None] + (sph[k, 8] * spec)[:, None]
         img[hit] = color
     img = np.clip(img, 0.0, 1.0)
-    img = img.reshape(resolution, SUPERSAMPLE, resolution, SUPERSAMPLE, 3).mean(axis=(1, 3))
+    img = img.reshape(height, SUPERSAMPLE, width, SUPERSAMPLE, 3).mean(axis=(1, 3))
     return np.round(img * 255.0).astype(np.uint8)
 
 

@@ -1,8 +1,8 @@
 """A small CLIP trained contrastively on the dataset's (image, caption) pairs.
 
 It is a scorer for best-of-n reranking when no CLIP weights can be downloaded,
-not a generator: `training_step` returns the symmetric InfoNCE loss, `sample`
-refuses. Text goes through the platform's own `TextEncoder` (hashed words, no
+not a generator: `training_step` returns the symmetric InfoNCE loss, `score`
+rates image-text pairs, and it declares no `sample` capability. Text goes through the platform's own `TextEncoder` (hashed words, no
 vocabulary file); images through a small CNN.
 
 Captions repeat in small datasets ("a red circle" many times in one batch), so
@@ -20,11 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from raygen.models.base import DataInfo, Generator
+from raygen.models.capabilities import Capability
 from raygen.models.text import TextEncoder, TextEncoderConfig
-
-
-class NotAGeneratorError(NotImplementedError):
-    """Raised by `sample` of families that score images instead of making them."""
 
 
 def _default_text() -> TextEncoderConfig:
@@ -67,9 +64,8 @@ class ImageEncoder(nn.Module):
 
 
 class SmallClip(Generator):
-    #: tells the trainer and server there is nothing to sample: skip sample grids and FID
-    is_scorer = True
-
+    family = "clip"
+    capabilities = frozenset({Capability.TRAIN, Capability.SCORE})
     def __init__(self, config: ClipConfig, data_info: DataInfo):
         super().__init__(data_info)
         if config.image_width % 8:
@@ -84,7 +80,7 @@ class SmallClip(Generator):
     def _prepare(self, images: torch.Tensor) -> torch.Tensor:
         x = images.to(self.logit_scale.device)
         x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float().clamp(0, 1)
-        c, r = self.data_info.channels, self.data_info.resolution
+        c, r = self.data_info.channels, (self.data_info.height, self.data_info.width)
         if x.shape[1] != c:
             if x.shape[1] == 1:
                 x = x.expand(-1, c, -1, -1)
@@ -92,9 +88,9 @@ class SmallClip(Generator):
                 x = x.mean(1, keepdim=True)
             else:
                 raise ValueError(f"images have {x.shape[1]} channels; this model takes {c}")
-        if x.shape[-2:] != (r, r):
-            x = F.interpolate(x, size=(r, r), mode="bilinear", align_corners=False,
-                              antialias=max(x.shape[-2:]) > r)
+        if tuple(x.shape[-2:]) != r:
+            x = F.interpolate(x, size=r, mode="bilinear", align_corners=False,
+                              antialias=max(x.shape[-2:]) > max(r))
         return 2.0 * x - 1.0
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
@@ -134,10 +130,12 @@ class SmallClip(Generator):
         return {"loss": loss, "accuracy": accuracy, "logit_scale": scale.detach()}
 
     @torch.no_grad()
-    def sample(self, n: int, **kwargs) -> torch.Tensor:
-        raise NotAGeneratorError("model family 'clip' is an image-text scorer, not a generator: load it with "
-                                 "raygen.metrics.load_scorer('clip:PATH') and use it to rerank another model's samples")
+    def score(self, images: torch.Tensor, texts) -> torch.Tensor:
+        """Cosine similarity of each image with its text, [N] (CLIP score / 100)."""
+        if len(texts) != len(images):
+            raise ValueError(f"score needs one text per image: {len(images)} images, {len(texts)} texts")
+        return (self.encode_image(images) * self.encode_text(list(texts))).sum(-1)
 
 
-def build(config: ClipConfig, data_info: DataInfo) -> SmallClip:
+def build(config: ClipConfig, data_info: DataInfo, components=None) -> SmallClip:
     return SmallClip(config, data_info)

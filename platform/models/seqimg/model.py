@@ -10,12 +10,16 @@ projection of the pooled caption encoding (caption; "" is the null caption).
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from raygen.models.base import DataInfo, Generator
+from raygen.models.capabilities import Capability
+from raygen.models.conditions import Conditions
+from raygen.models.sampling import SamplingParams, check_generators, per_image_randint
 from raygen.models.layers.positional import make_positional
 from raygen.models.seqimg.backbones import BackboneContext, build_backbone
 from raygen.models.seqimg.config import SeqImgConfig
@@ -82,18 +86,26 @@ CONDITIONING = {"none": NoCondition, "label": LabelCondition, "caption": Caption
 
 
 # ---------------------------------------------------------------- the model
-class SeqImgModel(Generator):
-    sampling_options = {
-        "temperature": (float, 1.0, "categorical: softmax temperature (0 = most likely level); "
-                                    "regression: scale of the noise fed back (0 = greedy)"),
-        "top_k": (int, 0, "categorical: sample among the k most likely levels of each sub-pixel (0 = all)"),
-        "use_cache": (bool, True, "carry the backbone's state/KV cache: one step per patch instead of re-running the prefix"),
-    }
+class SeqImgSampling(SamplingParams):
+    """How seqimg draws each patch."""
+    temperature: float = Field(1.0, ge=0.0, le=10.0,
+                               description="categorical: softmax temperature (0 = most likely level); "
+                                           "regression: scale of the noise fed back (0 = greedy)")
+    top_k: int = Field(0, ge=0, le=256, description="categorical: sample among the k most likely levels of each "
+                                                    "sub-pixel (0 = all)")
+    use_cache: bool = Field(True, description="carry the backbone's state/KV cache: one step per patch instead of "
+                                              "re-running the prefix")
 
+
+class SeqImgModel(Generator):
+    family = "seqimg"
+    capabilities = frozenset({Capability.TRAIN, Capability.SAMPLE})
+    sampling_params = SeqImgSampling
     def __init__(self, config: SeqImgConfig, data_info: DataInfo):
         super().__init__(data_info)
         self.config = config
-        self.geometry = PatchGeometry.build(config.patch_mode, data_info.channels, data_info.resolution,
+        self.geometry = PatchGeometry.build(config.patch_mode, data_info.channels,
+                                            data_info.square_resolution("seqimg"),
                                             config.resolved_patch_size())
         geo = self.geometry
         self.seq_len = geo.num_patches
@@ -105,7 +117,7 @@ class SeqImgModel(Generator):
         absolute = config.positional if config.positional != "rotary" else "none"  # rotary lives in attention
         self.pos = make_positional(absolute, self.seq_len, config.dim)
         self.condition = CONDITIONING[config.conditioning](config, data_info)
-        self.conditioning = config.conditioning  # the Generator protocol's name for it
+        self.condition_kind = config.conditioning
         self.backbone = build_backbone(config, BackboneContext(self.seq_len, geo.grid, tuple(geo.positions())))
         self.head = HEADS[config.head](config.dim, geo.patch_dim)
 
@@ -151,33 +163,32 @@ class SeqImgModel(Generator):
 
     # ---------------------------------------------------------------- sampling
     @torch.no_grad()
-    def sample(self, n: int, *, labels: torch.Tensor | None = None, captions: list[str] | None = None,
-               generator: torch.Generator | None = None, temperature: float = 1.0, top_k: int = 0,
-               use_cache: bool = True, **options) -> torch.Tensor:
-        if options:
-            raise TypeError(f"unknown sampling options {sorted(options)}; seqimg accepts {sorted(self.sampling_options)}")
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
+    def sample(self, conditions: Conditions, params: SeqImgSampling,
+               generators: Sequence[torch.Generator]) -> torch.Tensor:
+        n = conditions.n
+        check_generators(n, generators)
         was_training = self.training
         self.eval()
         try:
-            if self.config.conditioning == "label" and labels is None:
-                # no label asked for: draw classes uniformly (the null row is only
-                # trained when cond_dropout > 0)
-                device = generator.device if generator is not None else "cpu"
-                labels = torch.randint(self.data_info.num_classes, (n,), generator=generator, device=device)
-            x = self.condition(n, labels, captions, 0.0).to(self._param.dtype)
+            columns = conditions.columns(self.data_info, self._param.device)
+            labels = columns.get("label")
+            if labels is not None and (labels < 0).any():
+                # no label asked for: each such image draws its class from its own generator
+                # (the null row is only trained when cond_dropout > 0)
+                drawn = per_image_randint(generators, self.data_info.num_classes).to(labels.device)
+                labels = torch.where(labels < 0, drawn, labels)
+            x = self.condition(n, labels, columns.get("caption"), 0.0).to(self._param.dtype)
             pos = self.pos(0, self.seq_len)
             if pos is not None:
                 x = x + pos[0]
             state, inputs, pixels = None, [x], []
             for t in range(self.seq_len):
-                if use_cache:
+                if params.use_cache:
                     h, state = self.backbone.step(x, state)
                 else:  # re-run the whole prefix: the reference the cache must match
                     h = self.backbone(torch.stack(inputs, dim=1))[:, -1]
-                image_patch, feed = self.head.sample(self.head(h), temperature=temperature, top_k=top_k,
-                                                     generator=generator)
+                image_patch, feed = self.head.sample(self.head(h), temperature=params.temperature,
+                                                     top_k=params.top_k, generator=generators)
                 pixels.append(image_patch)
                 if t + 1 < self.seq_len:
                     x = self.embed(feed)
@@ -189,5 +200,5 @@ class SeqImgModel(Generator):
             self.train(was_training)
 
 
-def build_seqimg(config: SeqImgConfig, data_info: DataInfo) -> SeqImgModel:
+def build_seqimg(config: SeqImgConfig, data_info: DataInfo, components=None) -> SeqImgModel:
     return SeqImgModel(config, data_info)

@@ -1,20 +1,30 @@
 """Standalone samplers: turn one step's head output into the next patch.
 
-Both take a `torch.Generator` so that a seeded run draws the same numbers in
+Both take a `torch.Generator`, or one per image, so that a seeded run draws the same numbers in
 the same order whatever the path (cached or not) that produced the logits.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
+from raygen.models.sampling import per_image_rand, per_image_randn
 
-def _rand(shape, generator: torch.Generator | None, like: torch.Tensor) -> torch.Tensor:
-    """Uniform [0, 1) numbers drawn on the generator's device, moved to `like`'s."""
+
+def _rand(shape, generator, like: torch.Tensor) -> torch.Tensor:
+    """Uniform [0, 1) numbers of `shape`, moved to `like`'s device. With one
+    generator per image (a sequence), row i of the leading dimension comes
+    from generator i, so an image's draws do not depend on its batch."""
+    if isinstance(generator, Sequence):
+        return per_image_rand(generator, shape[1:], dtype=torch.float64).to(like.device)
     device = generator.device if generator is not None else like.device
     return torch.rand(shape, generator=generator, device=device, dtype=torch.float64).to(like.device)
 
 
-def _randn(shape, generator: torch.Generator | None, like: torch.Tensor) -> torch.Tensor:
+def _randn(shape, generator, like: torch.Tensor) -> torch.Tensor:
+    if isinstance(generator, Sequence):
+        return per_image_randn(generator, shape[1:], dtype=torch.float64).to(like.device)
     device = generator.device if generator is not None else like.device
     return torch.randn(shape, generator=generator, device=device, dtype=torch.float64).to(like.device)
 

@@ -1,0 +1,99 @@
+""""Will this spec run?": every check that needs no data and no cluster.
+
+`raygen spec validate`, `raygen train` and `raygen tune` all call
+`check_runnable`, so validate can never say "ok" to a spec that train or
+tune then reject. A check added here is a check all three make.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from raygen.spec.errors import SpecError
+from raygen.spec.schema import JobSpec
+
+
+def check_runnable(spec: JobSpec, *, tune: bool | None) -> None:
+    """Raise one SpecError listing every problem.
+
+    tune=False: will `raygen train` run it. tune=True: will `raygen tune`
+    run it (`tune.space`, `tune.filter`, and every trial spec the sweep would
+    train; the base spec itself is never trained). tune=None, what `raygen
+    spec validate` asks: both, the sweep part when the spec has a tune.space.
+    """
+    if tune is None:
+        problems = _training_problems(spec)
+        if spec.tune.space or spec.tune.filter:
+            problems += [p for p in _tune_problems(spec) if p not in problems]
+    else:
+        problems = _tune_problems(spec) if tune else _training_problems(spec)
+    if problems:
+        raise SpecError(problems)
+
+
+def _training_problems(spec: JobSpec) -> list[str]:
+    problems = []
+    for check in (_ema_with_zero3, _deepspeed_config):
+        try:
+            check(spec)
+        except SpecError as err:
+            problems += err.problems
+    return problems
+
+
+def _ema_with_zero3(spec: JobSpec) -> None:
+    if spec.train.ema.enabled and spec.scale.strategy == "deepspeed" and spec.scale.zero_stage == 3:
+        raise SpecError(["train.ema.enabled: EMA needs full weights on each worker; with scale.zero_stage 3 "
+                         "set train.ema.enabled=false or use zero_stage 2"])
+
+
+def _deepspeed_config(spec: JobSpec) -> None:
+    # fp16 on CPU, clip.value, a deepspeed_config file that contradicts the spec
+    if spec.scale.strategy == "deepspeed":
+        from raygen.train.deepspeed_strategy import build_deepspeed_config
+        build_deepspeed_config(spec, spec.scale.workers)
+
+
+def _tune_problems(spec: JobSpec) -> list[str]:
+    from raygen.spec.loader import apply_overrides, parse_spec, spec_to_dict
+    from raygen.tune.space import grid_points
+
+    if not spec.tune.space:
+        return ["tune.space: empty; give at least one key, e.g. {train.optimizer.lr: {loguniform: [1e-4, 1e-2]}}"]
+    try:
+        points = grid_points(spec.tune)  # filter keys that are not grid axes, a filter that rejects everything
+    except SpecError as err:
+        return err.problems
+    base = spec_to_dict(spec)
+    sampled = {k: _probe_value(v) for k, v in spec.tune.space.items() if "grid" not in v}
+    problems: list[str] = []
+    # Every grid point the sweep will run (with a value of each sampled key):
+    # a combination can be invalid where each value alone is fine (dim % heads).
+    for point in points:
+        overrides = {**point, **sampled}
+        try:
+            trial = parse_spec(apply_overrides(base, overrides))
+            new = _training_problems(trial)
+        except SpecError as err:
+            new = err.problems
+        for p in new:
+            line = _space_problem(p, overrides)
+            if line not in problems:
+                problems.append(line)
+    return problems
+
+
+def _space_problem(problem: str, overrides: dict[str, Any]) -> str:
+    """Name the searched key at fault, else the whole trial."""
+    for key in overrides:
+        if problem.startswith(key + ": "):
+            return f"tune.space.{key}: {problem[len(key) + 2:]}"
+        if problem.startswith(key + "."):
+            return f"tune.space.{key}: {problem}"
+    trial = " ".join(f"{k}={v}" for k, v in overrides.items())
+    return f"tune.space: the trial {trial} would fail: {problem}"
+
+
+def _probe_value(dist: dict[str, Any]) -> Any:
+    """A value the sweep may draw: the first choice, or the low bound."""
+    kind, args = next(iter(dist.items()))
+    return args[0]
