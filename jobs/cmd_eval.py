@@ -49,7 +49,7 @@ def evaluate_model(loaded, *, samples: int | None = None, extractor: str | None 
         from raygen.metrics import reconstruction_metrics
         with torch.no_grad():
             recon = model.reconstruct(val["image"][:256])
-        out.update({f"recon_{k}": v for k, v in reconstruction_metrics(recon, val["image"][:256]).items()})
+        out.update({f"recon_{k}": v for k, v in reconstruction_metrics(val["image"][:256], recon).items()})
     return out
 
 

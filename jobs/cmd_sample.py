@@ -67,7 +67,7 @@ def parse_sampling_sets(items: list[str], cls):
     for item in items:
         key, eq, text = item.partition("=")
         if not eq or not key:
-            raise UserError(f"--set {item}: expected PARAM=VALUE, e.g. temperature=0.8")
+            raise UserError(f"--set {item}: expected OPTION=VALUE, e.g. temperature=0.8")
         values[key.strip()] = parse_value(text)
     try:
         return parse_params(cls, values, strict=False)

@@ -22,7 +22,8 @@ def register(sub) -> None:
                    help="Ray cluster to join (default: RAY_ADDRESS, else an embedded local cluster)")
     p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE_OR_FILE",
                    help="import a module or .py file that registers an extra model family (repeatable)")
-    p.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs per generator replica (default 1)")
+    p.add_argument("--replica-cpus", type=float, default=None,
+                   help="CPUs per generator replica (default 1, or an equal share that fits the machine)")
     p.add_argument("--replica-gpus", type=float, default=0.0,
                    help="GPUs per generator replica; > 0 samples on CUDA (default 0)")
     p.set_defaults(func=run)
@@ -32,6 +33,7 @@ def run(args) -> int:
     from pydantic import ValidationError
 
     from raygen.jobs.cli import UserError
+    from raygen.models import CapabilityError
     from raygen.serving.app import AppArgs, DeployError, serve_forever
 
     try:
@@ -47,8 +49,9 @@ def run(args) -> int:
         return serve_forever(app_args, host=args.host, port=args.port, address=args.address)
     except DeployError as err:
         raise UserError(f"{err} (the replica logs under the Ray session folder have the traceback)") from None
-    except (OSError, ValueError, ImportError) as err:
-        # a busy port, a missing --import file, two models with one name: one line, no traceback
+    except (OSError, ValueError, ImportError, CapabilityError) as err:
+        # a busy port, a missing --import file, two models with one name, CPUs that cannot hold the
+        # replicas, a model that cannot sample: one line, no traceback
         from raygen.spec.errors import SpecError
         if isinstance(err, SpecError):
             raise

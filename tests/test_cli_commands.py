@@ -125,6 +125,8 @@ def test_sample_writes_a_deterministic_grid(digits_model, tmp_path, capfd):
     assert sample("again.png", "--label", 1, "--seed", 3) == first
     assert sample("seed4.png", "--label", 1, "--seed", 4) != first
     assert sample("label2.png", "--label", 2, "--seed", 3) != first  # the label conditions the model
+    # class names match in any case, as in the HTTP API (digits are named "0".."9": the index and the name agree)
+    assert sample("name.png", "--label", "1", "--seed", 3) == first
 
     cooler = sample("t05.png", "--label", 1, "--seed", 3, "--set", "temperature=0.5")
     assert cooler != first and Image.open(tmp_path / "t05.png").size == image.size
@@ -150,7 +152,7 @@ def test_sample_bad_inputs_are_one_line_exit_2(digits_model, tmp_path, capfd):
     assert_user_error(capfd, base + ["--best-of", 2, "--caption", "a digit", "--scorer", tmp_path / "no-clip"],
                       "--scorer", "not found")
     assert_user_error(capfd, base + ["--best-of", 2, "--caption", "a digit", "--scorer", model],
-                      "--scorer", "not a scorer")
+                      "--scorer", "cannot score image-text pairs", "families that can: clip")
     assert_user_error(capfd, ["sample", model, "-n", 0, "--out", out], "-n")
     assert_user_error(capfd, ["sample", tmp_path / "nowhere", "--out", out], "model not found")
     assert_user_error(capfd, ["sample", tmp_path, "--out", out], "holds no raygen model")

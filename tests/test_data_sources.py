@@ -254,3 +254,25 @@ def test_bad_options_are_one_line_errors(tmp_path):
         prepare_dataset("spheres", tmp_path / "x", source="/tmp")
     with pytest.raises(DataError, match="folder import needs a path"):
         prepare_dataset("folder", tmp_path / "x")
+
+
+def test_parquet_glob_of_shards_with_different_columns_names_both_files(tmp_path, capfd):
+    """Spheres shards (with `scene` columns) next to digits shards: one line
+    naming the two files and the differing columns, no traceback."""
+    from raygen.jobs.cli import main
+
+    prepare_dataset("spheres", tmp_path / "sph", resolution=8, count=8)
+    prepare_dataset("digits", tmp_path / "dig", resolution=8, count=8)
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "a.parquet").write_bytes((tmp_path / "sph" / "train-00000.parquet").read_bytes())
+    (mixed / "b.parquet").write_bytes((tmp_path / "dig" / "train-00000.parquet").read_bytes())
+    with pytest.raises(DataError) as err:
+        prepare_dataset("parquet", tmp_path / "out", source=str(mixed / "*.parquet"))
+    message = str(err.value)
+    assert f"{mixed / 'a.parquet'} and {mixed / 'b.parquet'} have different columns" in message
+    assert f"only {mixed / 'a.parquet'} has scene, scene_globals" in message
+    capfd.readouterr()
+    assert main(["data", "prepare", str(mixed / "*.parquet"), "--out", str(tmp_path / "out")]) == 2
+    out, stderr = capfd.readouterr()
+    assert stderr.count("\n") == 1 and "Traceback" not in stderr and "different columns" in stderr

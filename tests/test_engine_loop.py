@@ -72,8 +72,81 @@ def test_exact_resume_matches_uninterrupted_run(tmp_path):
     assert first.step_losses + second.step_losses == full.step_losses  # bit-identical on CPU fp32
     for k, v in full.strategy.generator.state_dict().items():
         assert torch.equal(v, second.strategy.generator.state_dict()[k]), k
-    for k, v in full.ema.state_dict().items():
-        assert torch.equal(v, second.ema.state_dict()[k]), k
+    ema_full, ema_second = full.eval_weights(), second.eval_weights()  # EMAHook provides the eval weights
+    assert ema_full.keys() == ema_second.keys()
+    for k, v in ema_full.items():
+        assert torch.equal(v, ema_second[k]), k
+
+
+def test_ema_state_is_hook_state_in_the_checkpoint(tmp_path):
+    """EMA is a hook like any other: its state is saved generically (safetensors,
+    no pickle) and the resumed EMA comes from the checkpoint, not from the
+    resumed weights; a checkpoint of the old layout (ema.safetensors) loads too."""
+    import shutil
+
+    images = toy_images(48)
+    spec = make_spec(steps=6, checkpoint_every=100, ema={"enabled": True, "decay": 0.9})
+    full = make_trainer(spec, ListBatches(images, 8), tmp_path / "full", hooks=[EMAHook(0.9, 0)])
+    full.fit()
+    first = make_trainer(spec, ListBatches(images, 8), tmp_path / "split", hooks=[EMAHook(0.9, 0)])
+    first.fit(stop_after=3)
+    ckpt = find_latest_checkpoint(tmp_path / "split")
+    assert (ckpt / "hooks" / "ema.safetensors").is_file() and not (ckpt / "ema.safetensors").exists()
+    assert not list(ckpt.rglob("*.pkl"))
+    saved = load_file(str(ckpt / "hooks" / "ema.safetensors"))
+    assert all(torch.equal(saved[k], v) for k, v in first.eval_weights().items())
+
+    def resume(folder):
+        t = make_trainer(spec, ListBatches(images, 8), tmp_path / "resumed", hooks=[EMAHook(0.9, 0)])
+        t.fit(resume_from=folder)
+        return t.eval_weights()
+
+    old_layout = tmp_path / "old" / ckpt.name
+    shutil.copytree(ckpt, old_layout)
+    (old_layout / "hooks" / "ema.safetensors").rename(old_layout / "ema.safetensors")
+    no_state = tmp_path / "none" / ckpt.name
+    shutil.copytree(ckpt, no_state)
+    shutil.rmtree(no_state / "hooks")
+    want = full.eval_weights()
+    for folder in (ckpt, old_layout):
+        got = resume(folder)
+        assert all(torch.equal(want[k], got[k]) for k in want), folder
+    # without its state the EMA restarts from the resumed weights: a different average
+    fresh = resume(no_state)
+    assert not all(torch.equal(want[k], fresh[k]) for k in want)
+
+
+class CountingHook(Hook):
+    """A hook with JSON and tensor state: how many steps it saw, and their losses."""
+    state_key = "counter"
+
+    def __init__(self):
+        self.steps, self.losses = 0, torch.zeros(0)
+
+    def on_step_end(self, trainer, metrics):
+        self.steps += 1
+        self.losses = torch.cat([self.losses, torch.tensor([metrics["loss"]])])
+
+    def state_dict(self):
+        return {"steps": self.steps, "losses": self.losses}
+
+    def load_state_dict(self, state):
+        self.steps, self.losses = state["steps"], state["losses"]
+
+
+def test_every_hooks_state_is_checkpointed_and_restored(tmp_path):
+    images = toy_images(48)
+    spec = make_spec(steps=5, checkpoint_every=100)
+    first = make_trainer(spec, ListBatches(images, 8), tmp_path, hooks=[CountingHook()])
+    first.fit(stop_after=2)
+    ckpt = find_latest_checkpoint(tmp_path)
+    assert json.loads((ckpt / "hooks" / "counter.json").read_text()) == {"steps": 2}
+    hook = CountingHook()
+    make_trainer(spec, ListBatches(images, 8), tmp_path, hooks=[hook]).fit(resume_from=ckpt)
+    assert hook.steps == 5 and hook.losses.shape == (5,)
+    assert hook.losses[:2].tolist() == first.hooks[0].losses.tolist()
+    with pytest.raises(ValueError, match="state key 'counter'"):
+        make_trainer(spec, ListBatches(images, 8), hooks=[CountingHook(), CountingHook()]).fit()
 
 
 class PoisonedBatches(ListBatches):
@@ -228,7 +301,8 @@ def test_checkpoint_is_atomic_and_pruned_keeping_best(tmp_path):
     (trainer.checkpoints.temp_dir(10) / "model.safetensors").write_bytes(b"partial")
     assert find_latest_checkpoint(tmp_path).name == "step-00000008"
     latest = find_latest_checkpoint(tmp_path)
-    for f in ("model.safetensors", "ema.safetensors", "optimizer.pt", "rng-0.pt", "state.json", "COMPLETE", "export/weights.safetensors"):
+    for f in ("model.safetensors", "hooks/ema.safetensors", "optimizer.pt", "rng-0.pt", "state.json", "COMPLETE",
+              "export/weights.safetensors"):
         assert (latest / f).is_file(), f
     assert set(load_file(str(latest / "export" / "weights.safetensors"))) == set(trainer.strategy.generator.state_dict())
     trainer.checkpoints.clean_stale()

@@ -2,6 +2,7 @@
 exact resume across runs, and recovery from a killed worker."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -75,10 +76,13 @@ def test_resumed_run_matches_uninterrupted_run(ray_session, tmp_path, data_root)
     spec = tiny_spec(tmp_path / "a", data_root)
     full = run_training(spec, progress=False)
     split_spec = tiny_spec(tmp_path / "b", data_root)
-    first = run_training(split_spec, progress=False, stop_after=4)
+    given = ["train.log_every=1"]  # what `raygen train --set` passes; resume reapplies it from run.json
+    first = run_training(split_spec, progress=False, stop_after=4, overrides=given)
     assert find_latest_checkpoint(first.run_dir).name == "step-00000004"
+    assert json.loads((first.run_dir / "run.json").read_text())["overrides"] == given
     second = run_training(split_spec, resume=True, progress=False)
     assert second.run_dir == first.run_dir and second.run_id == first.run_id  # same run continued
+    assert json.loads((first.run_dir / "run.json").read_text())["overrides"] == given  # kept across the resume
     assert history(second) == history(full)  # same loss at every step
     a = load_file(str(full.checkpoint / "model.safetensors"))
     b = load_file(str(second.checkpoint / "model.safetensors"))

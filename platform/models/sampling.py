@@ -53,9 +53,14 @@ def parse_params(cls: type[SamplingParams], values: dict[str, Any], *, strict: b
             raise SamplingParamsError(f"unknown sampling parameter {field!r}; this model takes: {accepted}",
                                       field) from None
         info = cls.model_fields.get(str(first["loc"][0])) if first["loc"] else None
-        hint = f" ({info.description})" if info is not None and info.description else ""
+        expects = f" (expects {_type_name(info.annotation)})" if info is not None else ""
+        hint = f"; {info.description}" if info is not None and info.description else ""
         got = f", got {first['input']!r}" if "input" in first and not isinstance(first["input"], dict) else ""
-        raise SamplingParamsError(f"{field}: {first['msg']}{got}{hint}", field) from None
+        raise SamplingParamsError(f"{field}: {first['msg']}{got}{expects}{hint}", field) from None
+
+
+def _type_name(annotation: Any) -> str:
+    return annotation.__name__ if isinstance(annotation, type) else str(annotation).replace("typing.", "")
 
 
 def image_seeds(seed: int, n: int) -> list[int]:

@@ -22,7 +22,7 @@ COLORS = {"red": (230, 30, 30), "green": (30, 200, 50), "blue": (40, 80, 240), "
 COLOR_NAMES = list(COLORS)
 #: relation of shape 0 to shape 1 -> the axis it constrains and the sign
 RELATIONS = {"above": (1, -1), "below": (1, 1), "to the left of": (0, -1), "to the right of": (0, 1)}
-SHAPE_FIELDS = ["kind", "color", "cx", "cy", "size"]  # cx, cy, size: fractions of the image side
+SHAPE_FIELDS = ["kind", "color", "cx", "cy", "size"]  # cx, cy, size: fractions of the (shorter) image side
 SUPERSAMPLE = 4
 
 
@@ -124,6 +124,6 @@ class Shapes(DatasetBuilder):
         extras = {"shapes": ExtraColumn(kind="sequence", width=len(SHAPE_FIELDS), max_len=opts.max_shapes,
                                         fields=SHAPE_FIELDS,
                                         description=f"kind index into {KINDS}, colour index into {COLOR_NAMES}, "
-                                                    "centre and half-size as fractions of the side")}
+                                                    "centre and half-size as fractions of the (shorter) side")}
         return SourcePlan(resolution=res, channels=ch, splits=counts, records=records, has_captions=True,
                           extra_columns=extras, source="procedural: raygen shapes")
