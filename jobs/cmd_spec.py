@@ -25,10 +25,31 @@ def register(sub) -> None:
 def validate(args) -> int:
     from raygen.spec import load_spec
     from raygen.spec.checks import check_runnable
+    from raygen.spec.loader import read_spec_file
+    from raygen.spec.pipeline import is_pipeline
+    if is_pipeline(read_spec_file(args.file)):
+        return validate_pipeline_file(args)
     spec = load_spec(args.file, args.set)
     check_runnable(spec, tune=None)  # the checks train and tune make before they start
     sweep = f", tune.space of {len(spec.tune.space)} key(s)" if spec.tune.space else ""
     print(f"{args.file}: ok ({spec.model.family} model, {spec.scale.workers} worker(s), {spec.scale.strategy}{sweep})")
+    return 0
+
+
+def validate_pipeline_file(args) -> int:
+    """Every stage checked as `raygen train` will run it (earlier stages' models stand in as placeholders)."""
+    from raygen.spec.checks import check_runnable
+    from raygen.spec.errors import SpecError
+    from raygen.spec.pipeline import load_pipeline, validate_pipeline
+    pipeline, base = load_pipeline(args.file, args.set)
+    stages = validate_pipeline(pipeline, base)
+    for name, spec in stages.items():
+        try:
+            check_runnable(spec, tune=False)
+        except SpecError as err:
+            raise SpecError([f"stages.{name}: {p}" for p in err.problems], args.file) from None
+    print(f"{args.file}: ok (pipeline of {len(stages)} stage(s): "
+          + ", ".join(f"{n} ({s.model.family})" for n, s in stages.items()) + ")")
     return 0
 
 

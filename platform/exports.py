@@ -127,9 +127,12 @@ def load_exported(path: str | Path, map_location: str = "cpu") -> LoadedGenerato
 def locate_export(uri: str, tracking_uri: str | None = None) -> Path:
     """The local export folder behind an exported folder, a training checkpoint
     folder, a run folder, or an MLflow `models:/NAME/VERSION` (or `@ALIAS`) /
-    `runs:/ID/model` URI (downloaded)."""
+    `runs:/ID/model` URI (downloaded). An MLflow Model folder (a logged raygen
+    model: MLmodel + artifacts/export/) gives the export inside it."""
+    from raygen.tracking.pyfunc import find_export
     if uri.startswith(("models:/", "runs:/")):
-        return download_model(uri, tracking_uri)
+        folder = download_model(uri, tracking_uri)
+        return find_export(folder) or folder
     path = Path(uri)
     if not path.exists():
         raise ModelLoadError(f"model not found: {uri} (give a folder written by `raygen train`, "
@@ -137,6 +140,9 @@ def locate_export(uri: str, tracking_uri: str | None = None) -> Path:
     for candidate in (path, path / "model", path / "export"):
         if (candidate / WEIGHTS).is_file():
             return candidate
+        inside = find_export(candidate)
+        if inside is not None:
+            return inside
     ckpt = find_latest_checkpoint(path)  # a run folder or a checkpoint folder: its newest checkpoint's export
     if ckpt is not None and (ckpt / "export" / WEIGHTS).is_file():
         return ckpt / "export"

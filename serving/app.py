@@ -389,7 +389,7 @@ def build_app(args: dict):
         message = _one_line(err)
         if _in_ray_task():
             print(f"raygen.serving: error: {message}", file=sys.stderr, flush=True)
-            _stop_waiting_serve_run()
+            _stop_waiting_serve_run(args)
             raise AppBuildError(message) from None
         raise SystemExit(f"raygen.serving: error: {message}") from None
     for note in plan.notes:
@@ -413,19 +413,22 @@ def _in_ray_task() -> bool:
         return False
 
 
-def _stop_waiting_serve_run(grace_s: float = 2.0) -> Optional[int]:
+def _stop_waiting_serve_run(args: Any, grace_s: float = 2.0) -> Optional[int]:
     """Stop the `serve run CONFIG` process waiting for this build, if it runs on this node.
 
     `serve run` with a config file submits the config and then sleeps forever,
     whatever becomes of the build: nothing in Ray tells it the build failed.
-    The build task belongs to the job of the driver that started Serve; when
-    that driver is a `serve run` on this machine, it is sent SIGINT (its own
-    clean shutdown) or, when it ignores SIGINT (started in the background),
-    SIGTERM, after `grace_s` for the error line above to reach its terminal.
-    Any other driver (`raygen serve`, a notebook, `serve deploy`'s dashboard)
-    is left alone. Returns the pid signalled, or None."""
+    The build task belongs to the job of the driver that started Serve. That
+    driver is stopped only when it is a `serve run` on this machine whose
+    config file holds this very app (raygen's builder with these models); any
+    other driver (`raygen serve`, a notebook, a `serve run` of other apps) is
+    left alone. It gets SIGHUP (it ends at once, quietly, status 129; its
+    embedded cluster goes with it), or SIGTERM when it ignores SIGHUP, after
+    `grace_s` for the error line to reach its terminal. Returns the pid
+    signalled, or None."""
     try:
         import ray
+        import yaml
         from ray._private import state
 
         job_id = ray.get_runtime_context().get_job_id()
@@ -434,15 +437,26 @@ def _stop_waiting_serve_run(grace_s: float = 2.0) -> Optional[int]:
         if driver is None or driver["DriverIPAddress"] not in (node_ip, "127.0.0.1", "localhost"):
             return None
         pid = int(driver["DriverPid"])
-        argv = [os.path.basename(a) for a in
-                Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0") if a]
-        if not any(a == "serve" and argv[i + 1:i + 2] == ["run"] for i, a in enumerate(argv)):
+        argv = [a for a in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0") if a]
+        at = next((i for i, a in enumerate(argv[:-1]) if os.path.basename(a) == "serve" and argv[i + 1] == "run"),
+                  None)
+        if at is None:
+            return None
+        config = next((a for a in argv[at + 2:] if not a.startswith("-")), None)
+        path = Path(os.readlink(f"/proc/{pid}/cwd")) / config if config else None
+        if path is None or not path.is_file():
+            return None
+        apps = (yaml.safe_load(path.read_text()) or {}).get("applications") or []
+        mine = [a for a in apps if a.get("import_path") == f"{__name__}:build_app"
+                and {k: (a.get("args") or {}).get(k) for k in ("model", "models")} ==
+                {k: (args or {}).get(k) for k in ("model", "models")}]
+        if not mine:
             return None
         ignored = 0
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("SigIgn:"):
                 ignored = int(line.split()[1], 16)
-        sig = signal.SIGTERM if ignored & (1 << (signal.SIGINT - 1)) else signal.SIGINT
+        sig = signal.SIGTERM if ignored & (1 << (signal.SIGHUP - 1)) else signal.SIGHUP
         time.sleep(grace_s)
         os.kill(pid, sig)
         return pid
@@ -450,7 +464,6 @@ def _stop_waiting_serve_run(grace_s: float = 2.0) -> Optional[int]:
         return None
 
 
-# ---------------------------------------------------------------- running it (the CLI)
 class DeployError(RuntimeError):
     """A deployment failed to start (a replica constructor raised); the message is its cause."""
 

@@ -7,8 +7,6 @@ socket Ray opens is on 127.0.0.1.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -40,9 +38,39 @@ def ray_session():
                  runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)}})
     yield ray
     ray.shutdown()
-    if os.environ.get("CI") == "true":
-        ray_cli = Path(sys.executable).with_name("ray")  # the venv's, which may not be on PATH
-        subprocess.run([str(ray_cli) if ray_cli.exists() else "ray", "stop", "--force"], capture_output=True, timeout=60)
+    stop_own_ray_processes(_TMP)
+
+
+def stop_own_ray_processes(temp_dir: Path, timeout: float = 15.0) -> list[int]:
+    """Stop what is left of this session's Ray cluster, by pid: the processes
+    whose command line names its unique temp folder, and their children.
+    Never `ray stop --force`: that kills every Ray process on the machine,
+    a concurrent run's or test session's too."""
+    import psutil
+
+    me = os.getpid()
+    found: dict[int, psutil.Process] = {}
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if proc.pid != me and str(temp_dir) in " ".join(proc.info["cmdline"] or []):
+                found[proc.pid] = proc
+                for child in proc.children(recursive=True):
+                    found.setdefault(child.pid, child)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    found.pop(me, None)
+    for proc in found.values():
+        try:
+            proc.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(list(found.values()), timeout=timeout)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    return sorted(found)
 
 
 @pytest.fixture

@@ -74,3 +74,48 @@ def toy_images(n: int = 64, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     base = torch.linspace(0, 1, 8).view(1, 1, 1, 8).expand(n, 1, 8, 8)
     return (base * torch.rand(n, 1, 1, 1, generator=g) + 0.1 * torch.rand(n, 1, 8, 8, generator=g)).clamp(0, 1)
+
+
+class MeansConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    keep: float = 0.5  # the share of pixels each batch contributes (drawn at random)
+
+
+class ToyMeans(Generator):
+    """Per-channel pixel means, fitted without gradients: the state is a
+    parameter (the means, as a codebook would be) and two buffers (the sums)."""
+
+    def __init__(self, cfg: MeansConfig, info: DataInfo):
+        super().__init__(info)
+        self.cfg = cfg
+        self.mean = nn.Parameter(torch.zeros(info.channels), requires_grad=False)
+        self.register_buffer("total", torch.zeros(info.channels, dtype=torch.float64))
+        self.register_buffer("count", torch.zeros(info.channels, dtype=torch.float64))
+
+    def fit_statistics(self, batch):
+        x = batch["image"].double()
+        keep = (torch.rand(x.shape, dtype=torch.float64) < self.cfg.keep).to(x.dtype)  # the global RNG
+        return {"sum": (x * keep).sum(dim=(0, 2, 3)), "count": keep.sum(dim=(0, 2, 3))}
+
+    def apply_fit(self, stats, step):
+        before = self.mean.detach().clone()
+        self.total += stats["sum"]
+        self.count += stats["count"]
+        self.mean.copy_((self.total / self.count.clamp(min=1)).float())
+        return {"loss": float((self.mean - before).abs().max()), "pixels": float(self.count.sum())}
+
+    @torch.no_grad()
+    def sample(self, conditions, params, generators):
+        check_generators(conditions.n, generators)
+        noise = per_image_rand(generators, self.data_info.shape) - 0.5
+        return (self.mean.view(1, -1, 1, 1) + 0.1 * noise).clamp(0, 1)
+
+
+def build_means(cfg: MeansConfig, info: DataInfo, components=None) -> ToyMeans:
+    return ToyMeans(cfg, info)
+
+
+TOY_MEANS = register_family(Family(name="toy-means", config_cls=MeansConfig, build=build_means,
+                                   capabilities={"fit", "sample"},
+                                   debug=lambda: {"tiny": (MeansConfig(), DataInfo(channels=1, resolution=8))},
+                                   description="test-only per-channel means, fitted without gradients"))

@@ -24,15 +24,28 @@ from engine_toys import INFO, ListBatches, toy_images
 
 @pytest.fixture(scope="module")
 def process_group():
-    """DeepSpeed needs a process group; one process of world size 1, on loopback."""
+    """DeepSpeed needs a process group (and the launcher's variables); one process of world size 1, on loopback."""
+    import os
+
     if dist.is_initialized():
         pytest.skip("a process group already exists in this process")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def spec_for(strategy: str, **train):

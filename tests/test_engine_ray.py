@@ -136,3 +136,30 @@ def test_killed_worker_recovers_from_last_checkpoint(ray_session, tmp_path, data
     # only steps past that checkpoint may have been run (and logged) twice
     repeated = sorted({s for s in steps if steps.count(s) > 1})
     assert all(s > resumed[0] for s in repeated)
+
+
+def test_fit_family_on_two_workers_sums_statistics_and_resumes(ray_session, tmp_path, data_root):
+    """A family fitted without gradients runs through the same runner: both
+    workers' statistics are summed every step (all-reduce), every rank applies
+    the same total, and a paused run resumes from its checkpoint."""
+    import engine_toys  # noqa: F401  (registers toy-means; the workers import it from its file)
+
+    spec = parse_spec({
+        "name": "fit", "run_dir": str(tmp_path / "runs"),
+        "data": {"dataset": "digits", "root": str(data_root), "resolution": 8, "batch_size": 16},
+        "model": {"family": "toy-means", "options": {"keep": 1.0}},
+        "train": {"steps": 4, "eval_every": 2, "checkpoint_every": 2, "log_every": 1, "grid_samples": 4},
+        "scale": {"workers": 2, "strategy": "deepspeed", "zero_stage": 2},  # ignored: the family has no 'train'
+        "track": {"fid": {"enabled": False}, "register_model": False},
+    })
+    first = run_training(spec, progress=False, stop_after=2)
+    assert find_latest_checkpoint(first.run_dir).name == "step-00000002"
+    second = run_training(spec, resume=True, progress=False)
+    assert second.run_dir == first.run_dir
+    pixels_per_step = 16 * 2 * 8 * 8  # a batch of 16 on each of 2 workers
+    assert history(second, "fit_pixels") == [(s, float(s * pixels_per_step)) for s in range(1, 5)]
+    saved = load_file(str(second.checkpoint / "model.safetensors"))
+    assert float(saved["count"].sum()) == 4 * pixels_per_step
+    assert 0 < float(saved["mean"][0]) < 1
+    assert not (second.checkpoint / "deepspeed").exists() and not (second.checkpoint / "optimizer.pt").exists()
+    assert [int(v) for _, v in history(second, "resumed_from_step")] == [2]

@@ -77,17 +77,44 @@ def test_a_perfect_generator_scores_the_floor(prepared, monkeypatch):
     n = spec.track.fid.samples
     train = load_split_images(data_dir, "train", spec.data, limit=n)["image"]
     # a "model" that reproduces exactly the train images the floor uses
-    monkeypatch.setattr(wrapup, "generate", lambda model, k, *args, **kwargs: train[:k])
+    monkeypatch.setattr(wrapup, "generate", lambda model, records, *args, **kwargs: train[:len(records["image"])])
     first = wrapup.compute_run_fid(spec, None, data_dir, n)
     assert first["fid_floor"] > 0 and first["fid"] == pytest.approx(first["fid_floor"], rel=1e-9)
     cache = data_dir.parent / "fid-cache"
     assert len(list(cache.glob("floor-*.json"))) == 1 and len(list(cache.glob("ref-*.safetensors"))) == 1
     # a generator of noise sits far above the floor; the floor itself is read back, unchanged
-    monkeypatch.setattr(wrapup, "generate", lambda model, k, *args, **kwargs:
-                        torch.rand(k, *train.shape[1:], generator=torch.Generator().manual_seed(0)))
+    monkeypatch.setattr(wrapup, "generate", lambda model, records, *args, **kwargs:
+                        torch.rand(len(records["image"]), *train.shape[1:], generator=torch.Generator().manual_seed(0)))
     noise = wrapup.compute_run_fid(spec, None, data_dir, n)
     assert noise["fid_floor"] == first["fid_floor"] and noise["fid"] > 10 * noise["fid_floor"]
     assert len(list(cache.glob("floor-*.json"))) == 1
+
+
+def test_fid_hook_logs_and_prints_the_floor(prepared, monkeypatch, capsys):
+    import types
+
+    import raygen.train.wrapup as wrapup
+    from raygen.spec import parse_spec
+    from raygen.train.fid_hook import FIDHook
+
+    spec, data_dir = prepared
+    spec = parse_spec({**spec.model_dump(), "track": {"fid": {"fit_steps": STEPS, "samples": 64, "every": 2}}})
+    logged = []
+    sink = types.SimpleNamespace(set_tags=lambda tags: None, log_metrics=lambda values, step: logged.append((step, values)))
+    trainer = types.SimpleNamespace(rank=0, state=types.SimpleNamespace(step=0), eval_weights=lambda: None,
+                                    eval_model=lambda: None)
+    hook = FIDHook(spec, sink, data_dir)
+    hook.on_train_start(trainer)
+    assert logged == [(0, {"fid_floor": hook.floor})] and hook.floor > 0
+    assert f"floor {hook.floor:.2f}" in capsys.readouterr().out
+    noise = torch.rand(64, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(wrapup, "generate", lambda model, records, *args, **kwargs: noise[:len(records["image"])])
+    trainer.state.step = 2
+    metrics = {}
+    hook.on_step_end(trainer, metrics)
+    assert metrics["fid_floor"] == hook.floor and metrics["fid"] > 10 * hook.floor
+    assert logged[-1][0] == 2 and logged[-1][1]["fid_floor"] == hook.floor
+    assert f"(floor {hook.floor:.2f}," in capsys.readouterr().out
 
 
 def test_fit_seconds_fails_naming_fit_steps():

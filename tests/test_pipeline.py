@@ -61,6 +61,16 @@ def test_references_must_point_to_earlier_stages(tmp_path):
         validate_pipeline(*load_pipeline(path))
 
 
+def test_spec_validate_checks_every_stage(tmp_path, capfd):
+    from raygen.jobs.cli import main
+    path = write_pipeline(tmp_path, tmp_path / "data")
+    assert main(["spec", "validate", str(path)]) == 0
+    assert "pipeline of 2 stage(s): ae (toy_ae), refiner (toy_refiner)" in capfd.readouterr().out
+    assert main(["spec", "validate", str(path), "--set", "stages.ae.set.train.steps=0"]) == 2
+    err = capfd.readouterr().err
+    assert "stages.ae" in err and "train.steps" in err and err.count("\n") == 1
+
+
 def test_a_component_of_the_wrong_kind_is_refused():
     from raygen.models import CapabilityError, DataInfo, build_model
     from raygen.models.seqimg import SeqImgConfig

@@ -63,7 +63,7 @@ class NoneKind(ConditionKind):
     name, field, description = "none", "", "unconditional"
 
     def parse(self, value, info):
-        return None
+        raise ConditionError("this model is unconditional; leave the condition out", "condition")
 
     def columns(self, values, info, device="cpu"):
         return {}

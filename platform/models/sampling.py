@@ -13,6 +13,7 @@ draw per-image numbers and stack them.
 """
 from __future__ import annotations
 
+import json
 from typing import Any, Sequence
 
 import torch
@@ -44,7 +45,12 @@ def parse_params(cls: type[SamplingParams], values: dict[str, Any], *, strict: b
 
     strict: JSON types must match (HTTP); otherwise CLI strings such as "0.8" are converted."""
     try:
-        return cls.model_validate(values, strict=strict) if strict else cls.model_validate(values)
+        if strict:
+            try:  # JSON's own strictness: enum fields take their values ("inverted"), not only Enum members
+                return cls.model_validate_json(json.dumps(values, allow_nan=True), strict=True)
+            except TypeError:  # values that are not JSON (Python objects): strict Python validation
+                return cls.model_validate(values, strict=True)
+        return cls.model_validate(values)
     except ValidationError as err:
         first = err.errors()[0]
         field = ".".join(str(p) for p in first["loc"]) or None

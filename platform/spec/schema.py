@@ -7,7 +7,7 @@ class that family registered (see raygen.models.registry).
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
@@ -20,16 +20,16 @@ class Section(BaseModel):
 
 
 # ---------------------------------------------------------------- data
-#: an image size: one side in pixels (square) or [height, width]
-ImageSide = Annotated[int, Field(ge=4, le=1024)]
-ImageSize = ImageSide | Annotated[list[ImageSide], Field(min_length=2, max_length=2)]
-CropSize = Annotated[int, Field(gt=0)] | Annotated[list[Annotated[int, Field(gt=0)]], Field(min_length=2, max_length=2)]
+def _size_schema(lo: int, hi: int | None) -> dict[str, Any]:
+    """JSON schema of an image size for editors: one side (square) or [height, width]."""
+    side = {"type": "integer", "minimum": lo, **({"maximum": hi} if hi is not None else {})}
+    return {"anyOf": [side, {"type": "array", "items": side, "minItems": 2, "maxItems": 2}]}
 
 
 def _image_size(value: Any, lo: int, hi: int | None) -> Any:
     """One whole number (square) or [height, width], each in [lo, hi]; a
-    square pair becomes one number. Checked before pydantic's union so a bad
-    value gets one clear message instead of one per union member."""
+    square pair becomes one number. Checked here, before pydantic's union,
+    so a bad value gets one clear message instead of one per union member."""
     if value is None:
         return value
     is_pair = isinstance(value, (list, tuple))
@@ -47,8 +47,9 @@ class AugmentSpec(Section):
     hflip: bool = False
     vflip: bool = False
     shift: int = Field(0, ge=0, description="random pixel shift with zero padding (seed 001: 4)")
-    crop: CropSize | None = Field(None, description="random crop to this size (train only): one number (square) "
-                                                    "or [height, width]")
+    crop: int | list[int] | None = Field(None, description="random crop to this size (train only): one number "
+                                                           "(square) or [height, width]",
+                                         json_schema_extra={"anyOf": [*_size_schema(1, None)["anyOf"], {"type": "null"}]})
 
     @field_validator("crop", mode="before")
     @classmethod
@@ -60,7 +61,8 @@ class DataSpec(Section):
     dataset: str = Field("fashion-mnist", description="built-in name (fashion-mnist, digits, spheres, kali, shapes) or a path to prepared shards")
     root: str = Field("runs/data", description="folder where built-in datasets are prepared")
     source: str | None = Field(None, description="raw source path overriding the built-in default")
-    resolution: ImageSize = Field(16, description="image size in pixels: one number (square) or [height, width]")
+    resolution: int | list[int] = Field(16, description="image size in pixels: one number (square) or [height, width]",
+                                        json_schema_extra=_size_schema(4, 1024))
     channels: Literal[1, 3] = 1
     count: int | None = Field(None, gt=0, description="use at most this many training images")
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0)

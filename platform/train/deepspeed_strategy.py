@@ -11,6 +11,7 @@ by value and by global norm in that event under every strategy.
 """
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -118,6 +119,7 @@ class DeepSpeedStrategy(Strategy):
         gradients (and skipped the call on an fp16 overflow)."""
         inner = optimizer.step
 
+        @functools.wraps(inner)  # keeps the LR scheduler's marks on it
         def step(*args, **kwargs):
             self._update_calls += 1
             if self._update_calls > 1:

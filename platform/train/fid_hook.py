@@ -20,6 +20,7 @@ class FIDHook(Hook):
         self.every = spec.track.fid.every
         self.evaluator = None
         self.floor: float | None = None
+        self.ref = None
 
     def on_train_start(self, trainer):
         if trainer.rank != 0:
@@ -32,6 +33,7 @@ class FIDHook(Hook):
         cache_dir = Path(self.spec.data.root) / "fid-cache"  # where the final FID keeps its statistics too
         ref = load_split_images(self.data_dir, "val", self.spec.data, limit=self.spec.track.fid.samples)
         self.evaluator = FIDEvaluator(extractor, ref["image"], cache_dir=cache_dir)
+        self.ref = ref  # samples are conditioned on these records: label for label, scene for scene
         train = load_split_images(self.data_dir, "train", self.spec.data, limit=self.evaluator.stats.n)
         self.floor = fid_floor(train["image"], self.evaluator.stats, extractor, cache_dir=cache_dir)
         if self.sink is not None:
@@ -51,7 +53,7 @@ class FIDHook(Hook):
 
         t0 = time.perf_counter()
         model = trainer.eval_model()
-        fake = generate(model, self.spec.track.fid.samples, seed=self.spec.train.seed + 1)
+        fake = generate(model, self.ref, seed=self.spec.train.seed + 1)
         result = self.evaluator(fake)
         took = time.perf_counter() - t0
         values = {"fid": result["fid"], "kid": result["kid"], "fid_floor": self.floor, "fid_time_s": took}

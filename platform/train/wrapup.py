@@ -8,14 +8,11 @@ import torch
 from raygen.spec.schema import JobSpec
 
 
-def generate(model, n: int, seed: int, batch: int = 64, records: dict | None = None) -> torch.Tensor:
-    """n samples for FID: conditioned on the first n validation `records` when
-    given (scene for scene, label for label), else cycling through the classes."""
-    from raygen.train.sampling import conditions_from_records, cycling_conditions, sample_set
-    conditions = conditions_from_records(model, records, n) if records is not None else cycling_conditions(model, n)
-    if conditions is None:
-        raise ValueError(f"a {model.condition_kind}-conditioned model is sampled for FID from validation records")
-    return sample_set(model, conditions, seed, batch)
+def generate(model, records: dict, seed: int, batch: int = 64) -> torch.Tensor:
+    """One sample per validation record, conditioned on that record (label for
+    label, caption for caption, scene for scene), so FID compares like with like."""
+    from raygen.train.sampling import conditions_from_records, sample_set
+    return sample_set(model, conditions_from_records(model, records, len(records["image"])), seed, batch)
 
 
 def dataset_extractor(spec: JobSpec, data_dir: Path):
@@ -42,7 +39,7 @@ def compute_run_fid(spec: JobSpec, model, data_dir: Path, n: int) -> dict:
     ref = load_split_images(data_dir, "val", spec.data, limit=n)
     extractor = dataset_extractor(spec, data_dir)
     stats = reference_stats(ref["image"], extractor, cache_dir=cache_dir)
-    fake = generate(model, min(n, len(ref["image"])), seed=spec.train.seed + 1)
+    fake = generate(model, ref, seed=spec.train.seed + 1)  # conditioned on the val images it is compared with
     result = compute_fid(fake, stats, extractor)
     train = load_split_images(data_dir, "train", spec.data, limit=stats.n)
     result["fid_floor"] = fid_floor(train["image"], stats, extractor, cache_dir=cache_dir)

@@ -324,13 +324,15 @@ class DocRunner:
         tmp.mkdir(exist_ok=True)
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("RAY_", "PYTEST_", "MLFLOW_", "RAYGEN_")) and k not in ("VIRTUAL_ENV", "PYTHONPATH")}
-        cache = os.environ.get("RAYGEN_DOCS_CACHE") or str(Path(tempfile.gettempdir()) / "raygen-docs-cache")
+        if "TORCH_EXTENSIONS_DIR" in os.environ:
+            env["TORCH_EXTENSIONS_DIR"] = os.environ["TORCH_EXTENSIONS_DIR"]
         env.update({
             "PATH": os.pathsep.join([str(shims), str(python.parent), env.get("PATH", "/usr/bin:/bin")]),
             "VIRTUAL_ENV": str(python.parent.parent),
             "HOME": str(home), "TMPDIR": str(tmp), "RAY_TMPDIR": str(self.ray_tmp),
-            # compiled DeepSpeed/torch ops are kept across docs and runs: compiling them costs ~35 s
-            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR") or str(Path(cache) / "torch_extensions"),
+            # the user's own cache, not the private HOME's: DeepSpeed compiles its ops
+            # there once (~35 s), and every doc and run after reuses them
+            "XDG_CACHE_HOME": os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache"),
             "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
             "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", "MLFLOW_DISABLE_TELEMETRY": "true",
             "TOKENIZERS_PARALLELISM": "false", "RAYGEN_NO_PROGRESS": "1", "PYTHONUNBUFFERED": "1",

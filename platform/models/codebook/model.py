@@ -161,7 +161,8 @@ class PatchCodebook(Generator):
     def apply_fit(self, stats: dict[str, torch.Tensor], step: int) -> dict[str, float]:
         """One mini-batch k-means step from the summed statistics. Returns the
         batch's metrics, measured with the codes it was assigned to: mse (per
-        sub-pixel), codebook usage and perplexity, and how many codes were re-seeded."""
+        sub-pixel; also reported as the run's loss), codebook usage and
+        perplexity, and how many codes were re-seeded."""
         from raygen.metrics.recon import codebook_metrics
 
         dev = self.codebook.device
@@ -171,7 +172,8 @@ class PatchCodebook(Generator):
             raise ValueError("apply_fit got statistics of no patches: is the batch empty?")
         k = self.config.codes
         used = torch.repeat_interleave(torch.arange(k, device=dev), n.round().long())
-        metrics = {"mse": float(sse.sum()) / (total * self.dim), **codebook_metrics(used, k)}
+        mse = float(sse.sum()) / (total * self.dim)
+        metrics = {"loss": mse, "mse": mse, **codebook_metrics(used, k)}
 
         decay = self.config.decay
         codes, counts = self.codebook.double(), self.counts.double()
