@@ -4,6 +4,18 @@ from __future__ import annotations
 import argparse
 
 
+def _size(text: str) -> int | list[int]:
+    """"16" -> 16; "12x20" -> [12, 20] (height, width)."""
+    parts = text.lower().replace(",", "x").split("x")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give one number (a square) or HEIGHTxWIDTH, e.g. 12x20") from None
+    if len(values) not in (1, 2) or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give one number (a square) or HEIGHTxWIDTH, e.g. 12x20")
+    return values[0] if len(values) == 1 or values[0] == values[1] else values
+
+
 def register(sub) -> None:
     p = sub.add_parser("data", help="prepare, inspect and list datasets")
     s = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
@@ -15,7 +27,8 @@ def register(sub) -> None:
     pr.add_argument("name", metavar="NAME")
     pr.add_argument("path", metavar="PATH", nargs="?", help="source for folder/parquet/webdataset (same as --source)")
     pr.add_argument("--out", required=True, metavar="DIR", help="folder to write (empty, new, or an earlier dataset)")
-    pr.add_argument("--resolution", type=int, help="image side in pixels (default: the dataset's own)")
+    pr.add_argument("--resolution", type=_size, metavar="SIDE|HxW",
+                    help="image side in pixels, or HEIGHTxWIDTH for non-square images (default: the dataset's own)")
     pr.add_argument("--channels", type=int, choices=(1, 3), help="1 (grey) or 3 (RGB); default: the dataset's own")
     pr.add_argument("--count", type=int, help="training images (default: all, or the generator's default)")
     pr.add_argument("--seed", type=int, default=0, help="generation and split seed (default 0)")
@@ -53,6 +66,7 @@ def _options(pairs: list[str]) -> dict:
 
 def prepare(args: argparse.Namespace) -> int:
     from raygen.data import DataError, prepare_dataset
+    from raygen.data.images import size_text
     if args.path and args.source:
         raise DataError("give the source either as PATH or as --source, not both")
     m = prepare_dataset(args.name, args.out, resolution=args.resolution, channels=args.channels, count=args.count,
@@ -60,7 +74,7 @@ def prepare(args: argparse.Namespace) -> int:
                         shard_bytes=int(args.shard_mb * 2**20), **_options(args.opt))
     shards = sum(len(s.shards) for s in m.splits.values())
     counts = ", ".join(f"{k} {v}" for k, v in m.counts.items())
-    print(f"prepared {m.name}: {counts} images at {m.resolution}x{m.resolution}x{m.channels} "
+    print(f"prepared {m.name}: {counts} images at {size_text(m.size)}x{m.channels} "
           f"in {shards} shard(s) -> {m.path}")
     return 0
 

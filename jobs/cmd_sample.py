@@ -82,7 +82,7 @@ def run(args) -> int:
     from raygen.models import Capability, CapabilityError, ConditionError, Conditions, require
     from raygen.exports import load_generator
     from raygen.models.sampling import image_seeds, make_generators
-    from raygen.train.images import save_grid
+    from raygen.images import save_grid
 
     loaded = load_generator(args.model, args.tracking_uri)
     model, info = loaded.model, loaded.data_info

@@ -34,7 +34,7 @@ from raygen.models import DataInfo, Generator, build_model
 from raygen.models.errors import ModelLoadError
 from raygen.spec.loader import parse_spec, spec_to_dict
 from raygen.spec.schema import JobSpec
-from raygen.tracking.models import download_model
+from raygen.tracking.models import download_model, find_export
 from raygen.train.checkpoint import find_latest_checkpoint
 
 INDEX = "raygen-model.json"
@@ -129,7 +129,6 @@ def locate_export(uri: str, tracking_uri: str | None = None) -> Path:
     folder, a run folder, or an MLflow `models:/NAME/VERSION` (or `@ALIAS`) /
     `runs:/ID/model` URI (downloaded). An MLflow Model folder (a logged raygen
     model: MLmodel + artifacts/export/) gives the export inside it."""
-    from raygen.tracking.pyfunc import find_export
     if uri.startswith(("models:/", "runs:/")):
         folder = download_model(uri, tracking_uri)
         return find_export(folder) or folder

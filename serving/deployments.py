@@ -70,7 +70,7 @@ class BatchSampler:
 
         from raygen.models import Conditions
         from raygen.models.sampling import image_seeds, make_generators
-        from raygen.serving.images import to_uint8
+        from raygen.images import to_uint8
 
         t0 = time.perf_counter()
         conditions = Conditions.cat([Conditions.repeat(job.kind, job.condition, job.n) for job in jobs])

@@ -26,7 +26,7 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from raygen.serving.images import grid, png_base64, png_bytes
+from raygen.images import grid, png_base64, png_bytes
 from raygen.serving.requests import RequestError, ServedModel, resolve
 from raygen.serving.schema import ErrorBody, GenerateResponse, HealthResponse, ModelsResponse, request_schemas
 

@@ -21,7 +21,7 @@ import test_serving_family as toy
 from raygen.models import DataInfo, build_model
 from raygen.serving.app import AppArgs, ResourceError, _scorer_available, resolve_serve_spec, size_replicas
 from raygen.serving.deployments import BatchSampler
-from raygen.serving.images import grid, png_bytes, to_uint8
+from raygen.images import grid, png_bytes, to_uint8
 from raygen.serving.loading import model_card, parse_model_arg
 from raygen.serving.requests import RequestError, SampleJob, ServedModel, resolve
 from raygen.serving.schema import MAX_SEED

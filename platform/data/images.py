@@ -217,21 +217,3 @@ def decode_batch(blobs, *, stored_resolution, resolution, channels: int,
         for i, arr in odd.items():
             out[i] = arr.transpose(2, 0, 1)
     return np.ascontiguousarray(out), status, messages
-
-
-def make_grid(images: np.ndarray, *, nrow: int = 8, pad: int = 1, min_cell: int = 32) -> np.ndarray:
-    """Tile uint8 BCHW images into one HxWxC uint8 image, upscaling small
-    images (nearest) so a grid of 8x8 digits is still visible."""
-    b, c, h, w = images.shape
-    scale = max(1, -(-min_cell // max(h, w)))
-    if scale > 1:
-        images = images.repeat(scale, axis=2).repeat(scale, axis=3)
-        h, w = h * scale, w * scale
-    ncol = min(nrow, b)
-    nrows = -(-b // ncol)
-    grid = np.full((nrows * (h + pad) + pad, ncol * (w + pad) + pad, c), 64, dtype=np.uint8)
-    for k in range(b):
-        r, q = divmod(k, ncol)
-        y, x = pad + r * (h + pad), pad + q * (w + pad)
-        grid[y:y + h, x:x + w] = images[k].transpose(1, 2, 0)
-    return grid

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from raygen.data.images import make_grid, size_text
+from raygen.data.images import size_text
 from raygen.data.manifest import read_manifest
 
 
@@ -64,19 +64,16 @@ def summarize(dir: str | Path, *, examples: int = 6, verify: bool = False) -> li
 
 def write_grid(dir: str | Path, out: str | Path, *, n: int = 64, split: str = "train") -> int:
     """Write a PNG grid of the split's first `n` images; returns how many."""
-    from PIL import Image
-
     from raygen.data.local import iter_decoded
     from raygen.data.shards import atomic_write_bytes
+    from raygen.images import grid, png_bytes
     images = []
     for cols in iter_decoded(dir, split, limit=n):
         images.append(cols["image"])
-    x = np.concatenate(images)[:n]
-    grid = make_grid(x, nrow=8)
-    import io
-    buf = io.BytesIO()
-    Image.fromarray(grid[:, :, 0] if grid.shape[2] == 1 else grid).save(buf, format="PNG")
+    x = np.concatenate(images)[:n]  # uint8 [N, C, H, W], the stored pixels
+    upscale = -(-32 // max(x.shape[2], x.shape[3]))  # cells of at least 32 px, so 8x8 digits stay visible
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out, buf.getvalue())
+    atomic_write_bytes(out, png_bytes(grid(x.transpose(0, 2, 3, 1), nrow=8, pad=1, fill=64, upscale=upscale),
+                                      compress_level=6))
     return len(x)

@@ -144,7 +144,8 @@ def write_image_folder(images: torch.Tensor, folder: str | Path, prefix: str = "
     folder.mkdir(parents=True, exist_ok=True)
     x = images.detach().cpu()
     if x.dtype != torch.uint8:
-        x = torch.floor(x.float().clamp(0, 1) * 255 + 0.5).to(torch.uint8)
+        from raygen.images import quantize
+        x = quantize(x)  # the one rounding rule (raygen.images)
     paths = []
     for i, a in enumerate(x.numpy()):
         arr = a[0] if a.shape[0] == 1 else a.transpose(1, 2, 0)

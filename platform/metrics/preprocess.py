@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from raygen.images import quantize
 from raygen.metrics.errors import MetricsError
 
 _LUMA = (0.299, 0.587, 0.114)
@@ -60,7 +61,7 @@ class Preprocess:
                 x = (x - lo) / (hi - lo)
             x = x.clamp(0.0, 1.0)
             if self.quantize:
-                x = torch.floor(x * 255.0 + 0.5) / 255.0
+                x = quantize(x).float() / 255.0  # the rounding of every PNG raygen writes (raygen.images)
         return x
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:

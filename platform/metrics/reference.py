@@ -28,7 +28,8 @@ def dataset_checksum(images: torch.Tensor, labels: torch.Tensor | None = None) -
     uint8 forms of one dataset agree), their shape, and the labels if given."""
     x = images.detach().cpu()
     if x.dtype != torch.uint8:
-        x = torch.floor(x.float().clamp(0, 1) * 255 + 0.5).to(torch.uint8)
+        from raygen.images import quantize
+        x = quantize(x)  # the one rounding rule (raygen.images)
     h = hashlib.sha256(repr(tuple(x.shape)).encode())
     h.update(x.contiguous().numpy().tobytes())
     if labels is not None:

@@ -21,6 +21,7 @@ from raygen.tracking.store import client
 
 MODEL_NAME = "model"  # the LoggedModel's name, and the artifact path in runs:/RUN_ID/model
 MODEL_TYPE = "raygen"
+EXPORT_ARTIFACT = "export"  # the pyfunc artifact holding the raygen export (artifacts/export/)
 #: run metrics that describe a model's quality: linked to the LoggedModel at their latest value
 EVAL_METRICS = ("val_loss", "fid", "kid", "fid_floor")
 
@@ -72,7 +73,7 @@ def log_model(tracking_uri: str, run_id: str, export_dir: str | Path, *, step: i
     with using_store(tracking_uri), warnings.catch_warnings():
         # the signature is given; an input example would make MLflow sample an image while logging
         warnings.filterwarnings("ignore", message=".*input example was not provided.*")
-        Model.log(name=MODEL_NAME, flavor=mlflow.pyfunc, run_id=run_id, model_id=logged.model_id, step=step,
+        Model.log(None, name=MODEL_NAME, flavor=mlflow.pyfunc, run_id=run_id, model_id=logged.model_id, step=step,
                   **kwargs)
     # Model.log linked the metrics logged at `step`; an eval metric last logged at another
     # step is linked at its latest value. Same key, value, step and timestamp: the run's
@@ -140,3 +141,28 @@ def download_model(uri: str, tracking_uri: str | None = None) -> Path:
             return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest)))
     except Exception as err:
         raise ModelLoadError(f"could not fetch {uri} from {tracking_uri}: {err}") from None
+
+
+def find_export(folder: str | Path) -> Path | None:
+    """The raygen export inside an MLflow Model folder (from its MLmodel's
+    `artifacts.export` entry), or None when `folder` is not one."""
+    import yaml
+
+    from raygen.exports import INDEX, WEIGHTS
+    folder = Path(folder)
+    mlmodel = folder / "MLmodel"
+    if not mlmodel.is_file():
+        return None
+    try:
+        flavor = (yaml.safe_load(mlmodel.read_text()) or {}).get("flavors", {}).get("python_function", {})
+        rel = flavor.get("artifacts", {}).get(EXPORT_ARTIFACT, {}).get("path")
+    except (OSError, yaml.YAMLError, AttributeError):
+        rel = None
+    candidates = [folder / rel] if isinstance(rel, str) else []
+    candidates += sorted(p.parent for p in (folder / "artifacts").glob(f"*/{INDEX}"))
+    root = folder.resolve()
+    for candidate in candidates:
+        inside = candidate.resolve().is_relative_to(root)  # an MLmodel cannot point outside its folder
+        if inside and (candidate / WEIGHTS).is_file():
+            return candidate
+    return None

@@ -40,8 +40,9 @@ from typing import Any
 
 import mlflow.pyfunc
 
+from raygen.tracking.models import EXPORT_ARTIFACT, find_export  # noqa: F401  (find_export: re-exported)
+
 CODE_FILE = Path(__file__).with_name("pyfunc_model.py")
-EXPORT_ARTIFACT = "export"
 TASKS = ("sample", "reconstruct", "score", "none")
 #: at most this many images (sample) or input rows per predict call
 MAX_IMAGES = 256
@@ -252,29 +253,6 @@ def pip_requirements() -> list[str]:
         except PackageNotFoundError:
             out.append(dist)
     return out
-
-
-def find_export(folder: str | Path) -> Path | None:
-    """The raygen export inside an MLflow Model folder (from its MLmodel's
-    `artifacts.export` entry), or None when `folder` is not one."""
-    import yaml
-
-    from raygen.exports import INDEX, WEIGHTS
-    folder = Path(folder)
-    mlmodel = folder / "MLmodel"
-    if not mlmodel.is_file():
-        return None
-    try:
-        flavor = (yaml.safe_load(mlmodel.read_text()) or {}).get("flavors", {}).get("python_function", {})
-        rel = flavor.get("artifacts", {}).get(EXPORT_ARTIFACT, {}).get("path")
-    except (OSError, yaml.YAMLError, AttributeError):
-        rel = None
-    candidates = [folder / rel] if rel else []
-    candidates += sorted(p.parent for p in (folder / "artifacts").glob(f"*/{INDEX}"))
-    for candidate in candidates:
-        if (candidate / WEIGHTS).is_file():
-            return candidate
-    return None
 
 
 def save_pyfunc(export_dir: str | Path, path: str | Path, **kwargs) -> Path:

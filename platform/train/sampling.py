@@ -69,7 +69,7 @@ def grid_conditions(model: Generator, n: int, val_records: dict[str, Any] | None
 def sample_grid_png(model: Generator, n: int, path: str | Path, *, seed: int = 0,
                     val_records: dict[str, Any] | None = None) -> Path:
     """Sample n images into a grid PNG (upscaled so small images stay visible)."""
-    from raygen.train.images import save_grid
+    from raygen.images import save_grid
     images = sample_set(model, grid_conditions(model, n, val_records), seed)
     upscale = max(1, 128 // max(model.data_info.height, model.data_info.width))
     return save_grid(images, path, upscale=upscale)

@@ -60,7 +60,8 @@ def finish_run(spec: JobSpec, out, tracked, data_dir: Path, *, progress: bool = 
     if not has(loaded.model, Capability.SAMPLE):
         # a family that makes no images (a scorer such as clip) has nothing to grid or score with FID
         tracked.log_artifact(out.checkpoint, f"checkpoint/{out.checkpoint.name}")
-        out.model_uri = log_and_register(tracked.tracking_uri, tracked.run_id, export, name)
+        out.model_uri = log_and_register(tracked.tracking_uri, tracked.run_id, export, name, step=spec.train.steps,
+                                         tags={"raygen.checkpoint": out.checkpoint.name})
         tracked.set_tags({"raygen.model_uri": out.model_uri})
         return
     out.grid = sample_grid_png(loaded.model, max(16, spec.train.grid_samples), out.run_dir / "samples" / "final.png",
@@ -80,5 +81,6 @@ def finish_run(spec: JobSpec, out, tracked, data_dir: Path, *, progress: bool = 
                   f"{fid['n_generated']} samples, {fid['extractor']})", flush=True)
         tracked.set_tags({"fid.extractor": fid["extractor"], "fid.samples": fid["n_generated"],
                           "fid.reference": f"{data_dir.name}/val ({fid['n_reference']} images)"})
-    out.model_uri = log_and_register(tracked.tracking_uri, tracked.run_id, export, name)
+    out.model_uri = log_and_register(tracked.tracking_uri, tracked.run_id, export, name, step=spec.train.steps,
+                                     tags={"raygen.checkpoint": out.checkpoint.name})
     tracked.set_tags({"raygen.model_uri": out.model_uri})

@@ -11,7 +11,7 @@ from raygen.models import Capability, CapabilityError, Conditions, build_model, 
 from raygen.models.conditions import get_kind
 from raygen.models.sampling import image_seeds, make_generators, parse_params
 from raygen.spec import parse_spec
-from raygen.train.images import to_uint8
+from raygen.images import to_uint8
 from raygen.train.sampling import conditions_from_records
 
 from .conftest import synthetic_batch

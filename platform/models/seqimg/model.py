@@ -174,9 +174,12 @@ class SeqImgModel(Generator):
             labels = columns.get("label")
             if labels is not None and (labels < 0).any():
                 # no label asked for: each such image draws its class from its own generator
-                # (the null row is only trained when cond_dropout > 0)
-                drawn = per_image_randint(generators, self.data_info.num_classes).to(labels.device)
-                labels = torch.where(labels < 0, drawn, labels)
+                # (the null row is only trained when cond_dropout > 0). Only those images draw, so an
+                # image with a label uses the same numbers whether or not its batch holds unlabelled ones
+                missing = (labels < 0).nonzero().flatten().tolist()
+                drawn = per_image_randint([generators[i] for i in missing], self.data_info.num_classes)
+                labels = labels.clone()
+                labels[missing] = drawn.to(labels.device)
             x = self.condition(n, labels, columns.get("caption"), 0.0).to(self._param.dtype)
             pos = self.pos(0, self.seq_len)
             if pos is not None:
