@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: install install-test quickstart test test-docs dataset
+.PHONY: install install-test quickstart test test-docs dataset bench-smoke
 
 $(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -47,4 +47,12 @@ test-docs: install dataset
 	  unshare -n bash -c 'ip link set lo up && $(PY) -m pytest -p no:cacheprovider tests/docs $(PYTEST_ARGS)'; \
 	else \
 	  $(PY) -m pytest -p no:cacheprovider tests/docs $(PYTEST_ARGS); \
+	fi
+
+# Every benchmark in its tiny --smoke mode (bench/run_smoke.sh), so none can rot unnoticed.
+bench-smoke: install
+	@if unshare -n true 2>/dev/null; then \
+	  unshare -n bash -c 'ip link set lo up && PY=$(PY) bench/run_smoke.sh'; \
+	else \
+	  PY=$(PY) bench/run_smoke.sh; \
 	fi

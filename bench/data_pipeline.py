@@ -10,6 +10,7 @@ many worker processes as Ray gets CPUs. Each epoch is timed from the start
 
     python bench/data_pipeline.py                       # Fashion-MNIST, 60k train images
     python bench/data_pipeline.py --dataset spheres --count 20000 --resolution 32
+    python bench/data_pipeline.py --smoke               # seconds: 512 digits, 2 epochs (CI)
 """
 from __future__ import annotations
 
@@ -111,7 +112,10 @@ def main(argv=None) -> int:
     p.add_argument("--shuffle-buffer", type=int, default=1024)
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--cpus", type=int, default=2, help="CPUs for Ray and DataLoader workers alike")
+    p.add_argument("--smoke", action="store_true", help="a small offline dataset, 2 epochs: checks that it runs (CI)")
     args = p.parse_args(argv)
+    if args.smoke:
+        args.dataset, args.count, args.epochs, args.batch_size, args.shuffle_buffer = "digits", 512, 2, 32, 128
     work = make_work_dir()
     try:
         return run(args, work)

@@ -9,6 +9,7 @@
 2. Cached versus uncached seqimg sampling on the GPU (bench/seqimg_sampling.py).
 
     python bench/gpu_check.py --data runs/data/fashion-mnist-XXXX --json gpu.json
+    python bench/gpu_check.py --smoke     # seconds, random data, two cases: that it runs (CI)
 
 One process, world size 1 (a process group is started here, as Ray Train
 would). Without a GPU it runs on the CPU with fp16 cases skipped, which is how
@@ -82,10 +83,10 @@ def _spec(args, strategy: str, precision: str, zero: int, offload: bool):
 
 def train_case(args, name, strategy, precision, zero, offload, train, val, info, device) -> dict:
     spec = _spec(args, strategy, precision, zero, offload)
-    hooks = [GradClipHook(spec.train.clip.norm, None)] if strategy == "ddp" else []
+    hooks = [GradClipHook(spec.train.clip.norm, None)]  # under every strategy (raygen clips, not DeepSpeed)
     trainer = Trainer(spec=spec, data_info=info, make_generator=lambda: build_model("seqimg", spec.model.config, info),
                       strategy=make_strategy(spec, 1, device), train_data=TensorBatches(train, args.batch_size, True),
-                      val_data=TensorBatches(val, 256, False), hooks=hooks, checkpoints=None)
+                      val_data=TensorBatches(val, min(256, len(val["image"])), False), hooks=hooks, checkpoints=None)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         torch.cuda.synchronize()
@@ -107,9 +108,17 @@ def train_case(args, name, strategy, precision, zero, offload, train, val, info,
             "gpu_peak_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None}
 
 
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", required=True, help="a prepared fashion-mnist folder at 16x16 (runs/data/fashion-mnist-*)")
+    ap.add_argument("--data", help="a prepared fashion-mnist folder at 16x16 (runs/data/fashion-mnist-*); "
+                                   "required unless --smoke")
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--backbone", default="gpt2")
@@ -121,7 +130,17 @@ def main(argv=None) -> int:
     ap.add_argument("--sampling-backbones", nargs="+", default=["gpt2", "alibi", "modern", "lstm", "mamba"])
     ap.add_argument("--sampling-heads", nargs="+", default=["categorical", "regression_l2"])
     ap.add_argument("--json", help="write every result here")
+    ap.add_argument("--smoke", action="store_true",
+                    help="random data, a tiny model, DDP fp32 and ZeRO-2 bf16, tiny sampling: checks that it runs (CI)")
     args = ap.parse_args(argv)
+    if args.smoke:
+        args.steps, args.batch_size, args.dim, args.depth = 3, 8, 16, 1
+        args.sampling_n = [4]
+        if args.cases == [c[0] for c in CASES]:  # not chosen on the command line
+            args.cases = ["ddp-fp32", "zero2-bf16"]
+        args.sampling_backbones, args.sampling_heads = ["gpt2"], ["categorical"]
+    elif not args.data:
+        ap.error("--data is required (or --smoke)")
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda:0") if cuda else torch.device("cpu")
@@ -129,7 +148,7 @@ def main(argv=None) -> int:
         torch.cuda.set_device(device)
         print(f"device: {torch.cuda.get_device_name(device)}, torch {torch.__version__}", flush=True)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29533")
+    os.environ.setdefault("MASTER_PORT", "29533" if not args.smoke else str(_free_port()))
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
@@ -137,8 +156,13 @@ def main(argv=None) -> int:
         dist.init_process_group("nccl" if cuda else "gloo", rank=0, world_size=1)
 
     spec = _spec(args, "ddp", "fp32", 0, False)
-    train = load_split_images(args.data, "train", spec.data)
-    val = load_split_images(args.data, "val", spec.data, limit=1024)
+    if args.smoke:  # random 16x16 images in 8-bit levels, labels: no prepared dataset needed
+        g = torch.Generator().manual_seed(0)
+        train, val = ({"image": torch.randint(0, 256, (n, 1, 16, 16), generator=g).float() / 255,
+                       "label": torch.randint(0, 10, (n,), generator=g)} for n in (64, 32))
+    else:
+        train = load_split_images(args.data, "train", spec.data)
+        val = load_split_images(args.data, "val", spec.data, limit=1024)
     info = DataInfo(channels=1, resolution=16, num_classes=10)
     print(f"data: {len(train['image'])} train / {len(val['image'])} val images, 16x16", flush=True)
 
@@ -169,7 +193,7 @@ def main(argv=None) -> int:
         for n in args.sampling_n:
             results["sampling"] += seqimg_sampling.main(
                 ["--device", str(device), "--backbones", *args.sampling_backbones, "--head", *args.sampling_heads,
-                 "--dim", "256", "--depth", "6", "--n", str(n), "--repeats", "2"])
+                 "--n", str(n), *(["--smoke"] if args.smoke else ["--dim", "256", "--depth", "6", "--repeats", "2"])])
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2, default=str))
     dist.destroy_process_group()

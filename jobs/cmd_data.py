@@ -1,4 +1,4 @@
-"""`raygen data prepare|show|list`: build, inspect and list datasets."""
+"""`raygen data prepare|show|list|encode`: build, inspect, list and encode datasets."""
 from __future__ import annotations
 
 import argparse
@@ -50,6 +50,29 @@ def register(sub) -> None:
     ls = s.add_parser("list", help="list the built-in datasets")
     ls.set_defaults(func=list_datasets)
 
+    en = s.add_parser("encode", help="encode a dataset with a frozen encoder into a latent dataset (parquet + manifest)",
+                      description="MODEL (a run folder, an export folder or a models:/ URI) must have the 'encode' "
+                                  "capability. DATA is a prepared dataset folder or a built-in name (prepared with "
+                                  "the model's own data settings). Runs as a Ray Train job over --workers; an "
+                                  "interrupted encode resumes when run again with the same MODEL, DATA and options.")
+    en.add_argument("model", metavar="MODEL")
+    en.add_argument("data", metavar="DATA")
+    en.add_argument("--out", required=True, metavar="DIR", help="folder to write (empty, new, or an earlier encode)")
+    en.add_argument("--workers", type=int, default=1, help="Ray Train workers (default 1)")
+    en.add_argument("--batch-size", type=int, default=64, help="images per encoder call (default 64)")
+    en.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="how latents are stored")
+    en.add_argument("--shard-rows", type=int, help="rows per output shard (default: about 8 shards per split, "
+                                                   "at most 32 MiB each)")
+    en.add_argument("--data-root", metavar="DIR", help="where a built-in DATA is prepared (default: the model's)")
+    en.add_argument("--count", type=int, help="training images of a built-in DATA (default: the model's)")
+    en.add_argument("--gpu", action="store_true", help="encode on one GPU per worker")
+    en.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or an embedded cluster)")
+    en.add_argument("--tracking-uri", help="log an MLflow run of the encode there")
+    en.add_argument("--stop-after-batches", type=int, metavar="N",
+                    help="debug: each worker stops after N batches (run again to resume)")
+    en.add_argument("--verbose", action="store_true", help="show Ray's and the libraries' messages")
+    en.set_defaults(func=encode)
+
 
 def _options(pairs: list[str]) -> dict:
     import yaml
@@ -94,6 +117,36 @@ def show(args: argparse.Namespace) -> int:
                 grid = grid.with_name(f"{grid.stem}-{Path(folder).name}{grid.suffix or '.png'}")
             n = write_grid(folder, grid, n=args.samples)
             print(f"grid: wrote {n} training images to {grid}")
+    return 0
+
+
+def encode(args: argparse.Namespace) -> int:
+    import os
+
+    from raygen.jobs.cli import UserError
+    from raygen.models import CapabilityError
+    from raygen.train.cluster import ClusterError
+    from raygen.train.encode import run_encode
+    from raygen.train.runner import TrainingFailed
+    try:
+        result = run_encode(args.model, args.data, args.out, workers=args.workers, batch_size=args.batch_size,
+                            dtype=args.dtype, shard_rows=args.shard_rows, data_root=args.data_root,
+                            count=args.count, use_gpu=args.gpu, address=args.address,
+                            tracking_uri=args.tracking_uri, stop_after_batches=args.stop_after_batches,
+                            progress=not os.environ.get("RAYGEN_NO_PROGRESS"), verbose=args.verbose)
+    except (CapabilityError, ClusterError, TrainingFailed) as err:
+        raise UserError(str(err)) from None
+    plan = result.plan
+    if not result.finished:
+        p = result.progress
+        print(f"stopped: {p['shards_done']} of {p['shards']} shard(s), {p['batches_done']} of {p['batches']} "
+              f"batch(es) done in {result.out}; run the same command again to resume")
+        return 0
+    counts = ", ".join(f"{k} {v}" for k, v in result.counts.items())
+    shards = sum(len(s.shards) for s in result.manifest.splits.values())
+    how = "already encoded" if result.status == "complete" else result.status
+    print(f"{how} {result.manifest.latents.source.get('name')} with {plan.encoder['family']}: {counts} latents of "
+          f"shape {'x'.join(map(str, plan.shape))} {plan.dtype} in {shards} shard(s) -> {result.out}")
     return 0
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
+import sys
 import time
 from typing import Any, Sequence
 
@@ -25,6 +26,9 @@ from ray import serve
 from raygen.serving.requests import SampleJob
 
 logger = logging.getLogger("ray.serve")
+
+#: the GIL switch interval of a generator replica (Python's default is 5 ms; see GeneratorServer)
+SWITCH_INTERVAL_S = 0.0002
 
 
 class BatchSampler:
@@ -40,11 +44,13 @@ class BatchSampler:
         self.device = device
         self.merge = merge
         self.shape = tuple(model.data_info.shape)
-        self.forward_calls = 0  # how many model.sample calls ran (tests and benchmarks read it)
+        # what ran so far (tests and benchmarks read it): batches, model.sample calls, requests, images
+        self.batches = self.forward_calls = self.jobs_done = self.images_done = 0
 
     def run(self, jobs: Sequence[SampleJob]) -> list[dict[str, Any]]:
         """One result per job, in order: {"images": uint8 [n, H, W, C], "seeds", "sample_ms", "batch_images"}
         or {"error", "status"}."""
+        self.batches += 1
         groups: dict[tuple, tuple[Any, list[int]]] = {}
         results: list[dict[str, Any]] = [{}] * len(jobs)
         for i, job in enumerate(jobs):
@@ -78,6 +84,8 @@ class BatchSampler:
         self.forward_calls += 1
         with torch.inference_mode():
             images = self.model.sample(conditions, params, make_generators(seeds, self.device))
+        self.jobs_done += len(jobs)
+        self.images_done += len(seeds)
         expected = (len(seeds), *self.shape)
         if tuple(images.shape) != expected:
             raise RuntimeError(f"model {self.name!r} returned images of shape {tuple(images.shape)}, "
@@ -122,6 +130,10 @@ class GeneratorServer:
 
         import_modules(imports)
         loaded = load_generator(uri, tracking_uri)
+        # The sampling thread holds the GIL between its many small torch ops; at Python's default 5 ms
+        # switch interval the replica's event loop then takes in about one request per batch, so
+        # requests arriving during a batch would not be there to merge into the next one.
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         model = loaded.model.to(self.device).eval()
         self.sampler = BatchSampler(model, name=name, device=self.device, merge=merge)
@@ -132,6 +144,12 @@ class GeneratorServer:
 
     async def info(self) -> dict[str, Any]:
         return self._info
+
+    async def stats(self) -> dict[str, int]:
+        """Counters since start: model.sample calls, requests and images they sampled."""
+        s = self.sampler
+        return {"batches": s.batches, "forward_calls": s.forward_calls, "requests": s.jobs_done,
+                "images": s.images_done}
 
     async def generate(self, job: SampleJob) -> dict[str, Any]:
         """Returns {"images": uint8 [n, H, W, C], "seeds", "sample_ms", "batch_images"} or {"error", "status"}."""

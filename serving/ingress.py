@@ -106,10 +106,11 @@ class Frontend:
                            reranking=self.reranking)
         except RequestError as err:
             return error(err.status, err.message, err.field)
-        try:
-            await asyncio.wait_for(self.infos(), timeout=self.timeout)
-        except Exception as err:  # noqa: BLE001 - generators that cannot describe themselves are not ready
-            return error(503, f"models are not ready: {short(err)}", headers={"Retry-After": "5"})
+        if self._infos is None:
+            try:
+                await asyncio.wait_for(self.infos(), timeout=self.timeout)
+            except Exception as err:  # noqa: BLE001 - generators that cannot describe themselves are not ready
+                return error(503, f"models are not ready: {short(err)}", headers={"Retry-After": "5"})
 
         try:
             result = await self._call(self.generators[plan.model].generate.remote(plan.job), deadline)

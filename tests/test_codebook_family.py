@@ -190,3 +190,45 @@ def test_export_and_load_round_trip(digits, tmp_path):
     for key in state:
         assert torch.equal(state[key], back[key]), key
     assert torch.equal(loaded.model.encode(val), model.encode(val))
+
+
+# ------------------------------------------------------------------ through Ray and the CLI
+@pytest.mark.slow
+def test_raygen_train_fits_on_two_workers_and_eval_reports_reconstruction(ray_session, workdir, digits, capsys):
+    import re
+
+    from raygen.exports import load_generator
+    from raygen.jobs.cli import main
+    from raygen.tracking.store import client
+
+    _, val, info, root = digits
+    spec = workdir / "codebook.yaml"
+    spec.write_text(f"""
+name: cb
+run_dir: {workdir / 'runs'}
+data: {{dataset: {root / 'digits'}, resolution: 8, channels: 1, batch_size: 16}}
+model: {{family: codebook, options: {{patch: 2, codes: 32, decay: 0.8}}}}
+train: {{steps: 6, eval_every: 3, checkpoint_every: 3, log_every: 1, ema: {{enabled: false}}}}
+scale: {{workers: 2}}
+track: {{experiment: cb, fid: {{enabled: false}}}}
+""")
+    assert main(["train", str(spec)]) == 0
+    out = capsys.readouterr().out
+    tracking_uri = re.search(r"in (sqlite:\S+)", out).group(1)
+    c = client(tracking_uri)
+    run = c.search_runs([c.get_experiment_by_name("cb").experiment_id])[0]
+    assert run.info.status == "FINISHED"
+    mse = [m.value for m in sorted(c.get_metric_history(run.info.run_id, "fit_mse"), key=lambda m: m.step)]
+    loss = [m.value for m in sorted(c.get_metric_history(run.info.run_id, "loss"), key=lambda m: m.step)]
+    assert len(mse) == 6 and loss == mse and mse[-1] < 0.5 * mse[0], mse
+    assert 0 < run.data.metrics["fit_codebook_usage"] <= 1 and run.data.metrics["fit_codebook_perplexity"] > 1
+
+    loaded = load_generator(str(workdir / "runs" / "cb"))
+    assert int(loaded.model.fitted_steps) == 6
+    unfitted = build_model("codebook", loaded.spec.model.config, info)
+    assert main(["eval", str(workdir / "runs" / "cb"), "--no-log"]) == 0
+    printed = capsys.readouterr().out
+    recon = {k: float(v) for k, v in re.findall(r"(recon_\w+): (\S+)", printed)}
+    assert recon.keys() == {"recon_l1", "recon_l2", "recon_psnr"}, printed
+    assert recon["recon_l2"] < 0.5 * val_mse(unfitted, val[:256]), (recon, printed)
+    assert recon["recon_l2"] == pytest.approx(val_mse(loaded.model, val[:256]), rel=1e-3)

@@ -1,14 +1,17 @@
-"""`raygen serve` as a user runs it: a subprocess with its own embedded Ray,
-bound to 127.0.0.1 on a free port, stopped with SIGTERM by pid."""
+"""`raygen serve` and Serve's own `serve run` as a user runs them: subprocesses
+with their own embedded Ray, bound to 127.0.0.1 on a free port, stopped by pid."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -42,14 +45,16 @@ def wait_healthy(proc: subprocess.Popen, url: str, log, timeout: float = 150.0) 
 def test_cli_serves_and_stops_on_sigterm(tmp_path):
     model = toy.export_toy(tmp_path / "model", name="cli-toy", resolution=8, channels=1, num_classes=2,
                            class_names=["on", "off"], conditioning="label", run_id="cli-run")
+    second = toy.export_toy(tmp_path / "second", name="second", resolution=8, channels=1)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own embedded cluster
     log = tmp_path / "serve.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "raygen.jobs.cli", "serve", "--model", str(model), "--port", str(port),
-             "--import", toy.FILE, "--replica-cpus", "0.2", "--set", "serve.max_n=4",
+            # two models and no --replica-cpus: on a 2-core machine 1 CPU each never fits; they get shares
+            [sys.executable, "-m", "raygen.jobs.cli", "serve", "--model", str(model), "--model", str(second),
+             "--port", str(port), "--import", toy.FILE, "--set", "serve.max_n=4",
              # a tiny queue and a short timeout, so overload and slowness can be shown
              "--set", "serve.max_batch_size=1", "--set", "serve.max_queued_requests=1",
              "--set", "serve.request_timeout_s=2"],
@@ -58,6 +63,9 @@ def test_cli_serves_and_stops_on_sigterm(tmp_path):
         wait_healthy(proc, url, log)
         printed = log.read_text()
         assert f"at {url}" in printed and "cli-toy: servetoy, 8x8x1, 2 classes, run cli-run" in printed
+        assert "2 model(s)" in printed and "second: servetoy, 8x8x1, unconditional" in printed
+        share = float(printed.split("replica(s) per model at ")[1].split()[0])
+        assert 0 < share <= 1
 
         r = httpx.post(url + "/v1/generate", json={"n": 2, "label": "off", "seed": 0}, timeout=60)
         assert r.status_code == 200, r.text
@@ -100,3 +108,78 @@ def test_cli_reports_a_bad_model_in_one_line(tmp_path):
                           capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 2
     assert done.stderr.startswith("raygen serve: error: model not found") and "Traceback" not in done.stderr
+
+
+def test_cli_refuses_a_model_that_cannot_sample(tmp_path):
+    from raygen.exports import export_generator
+    from raygen.models import build_model, get_family
+    from raygen.spec import parse_spec
+
+    config, info = next(iter(get_family("clip").debug().values()))
+    spec = parse_spec({"name": "scorer", "model": {"family": "clip", "options": config.model_dump(mode="json")}})
+    path = export_generator(tmp_path / "clip", build_model("clip", config, info).state_dict(), spec, info)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, "-m", "raygen.jobs.cli", "serve", "--model", str(path)],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot sample images" in lines[0] and "lacks capability 'sample'" in lines[0]
+
+
+def test_cli_refuses_replicas_that_cannot_fit_at_once(tmp_path):
+    model = toy.export_toy(tmp_path / "model", name="big", resolution=8, channels=1)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, "-m", "raygen.jobs.cli", "serve", "--model", str(model),
+                           "--import", toy.FILE, "--replica-cpus", "4096", "--port", str(free_port())],
+                          capture_output=True, text=True, env=env, timeout=240, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr[-3000:]
+    line = next(ln for ln in done.stderr.splitlines() if ln.startswith("raygen serve: error:"))
+    assert "needs 4096.1 CPUs" in line and "CPUs (" in line and "free)" in line, line
+
+
+# ---------------------------------------------------------------- Serve's own CLI: `serve run`
+def _serve_run(args: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess:
+    """`serve run ...` in a private Ray temp folder (short: Ray's socket paths); whatever Ray
+    processes it leaves behind are found by that folder and stopped by pid."""
+    private = tempfile.mkdtemp(prefix="rg-sr-", dir="/tmp")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_TMPDIR=private, TMPDIR=private, HOME=private)
+    serve_cli = str(Path(sys.executable).with_name("serve"))
+    try:
+        return subprocess.run([serve_cli, "run", *args], capture_output=True, text=True, env=env, cwd=cwd,
+                              timeout=timeout)
+    finally:
+        left = subprocess.run(["pgrep", "-f", private], capture_output=True, text=True).stdout.split()
+        for pid in left:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(private, ignore_errors=True)
+
+
+def test_serve_run_with_a_bad_model_exits_with_the_load_error(tmp_path):
+    done = _serve_run(["raygen.serving.app:build_app", f"model={tmp_path / 'missing'}"], tmp_path, timeout=120)
+    assert done.returncode == 1
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("raygen.serving: error: model not found") and "Traceback" not in done.stderr
+
+
+def test_serve_run_of_a_config_with_a_bad_model_exits(tmp_path):
+    # Serve builds a config file's app in a Ray task and `serve run` would otherwise sleep forever
+    config = tmp_path / "bad.yaml"
+    config.write_text(f"""
+proxy_location: HeadOnly
+http_options: {{host: 127.0.0.1, port: {free_port()}}}
+applications:
+  - name: raygen
+    route_prefix: /
+    import_path: raygen.serving.app:build_app
+    args:
+      models: [{tmp_path / 'missing'}]
+""")
+    done = _serve_run([str(config)], tmp_path, timeout=240)
+    output = done.stdout + done.stderr
+    assert done.returncode != 0, output[-3000:]
+    lines = [ln for ln in output.splitlines() if "raygen.serving: error:" in ln]
+    assert lines and lines[0].split("raygen.serving: error: ", 1)[1].startswith(f"model not found: {tmp_path}")

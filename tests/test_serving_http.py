@@ -2,7 +2,8 @@
 
 One app serves four models (a label-conditioned toy, an unconditional
 grayscale toy, a caption-conditioned toy, and a tiny real seqimg model) with
-a stand-in scorer, on a free port of 127.0.0.1.
+a stand-in scorer, on a free port of 127.0.0.1. No replica CPUs are given:
+the replicas are sized to fit the session's 2 CPUs.
 """
 from __future__ import annotations
 
@@ -33,12 +34,12 @@ def free_port() -> int:
 
 
 def export_seqimg(path):
-    from raygen.models.base import DataInfo
+    import torch
+
     from raygen.exports import export_generator
-    from raygen.models.registry import build_model
+    from raygen.models import DataInfo, build_model
     from raygen.spec import parse_spec
 
-    import torch
     options = {"backbone": "gpt2", "dim": 32, "depth": 1, "conditioning": "label"}
     spec = parse_spec({"name": "seq", "data": {"resolution": 8, "channels": 1},
                        "model": {"family": "seqimg", "options": options}})
@@ -66,9 +67,10 @@ def server(ray_session, tmp_path_factory):
         models=[str(root / "toy"), f"plain={root / 'plain'}", f"text={root / 'text'}", f"seq={root / 'seq'}"],
         imports=[toy.FILE],
         serve={"max_n": MAX_N, "max_batch_size": 4, "max_queued_requests": 32, "request_timeout_s": 60},
-        scorer="brightness", scorer_loader="tests.test_serving_family:load_brightness_scorer",
-        replica_cpus=0.15, ingress_cpus=0.1, scorer_cpus=0.1))
+        scorer="brightness", scorer_loader="tests.test_serving_family:load_brightness_scorer", ingress_cpus=0.1))
     assert [m.name for m in plan.models] == ["toy", "plain", "text", "seq"] and plan.reranking == "ready"
+    # 4 generators and a scorer on the session's 2 CPUs: shares that fit, not 1 CPU each
+    assert plan.sizing.needed_cpus <= 2 and plan.sizing.replica_cpus < 1
     serve.run(app, name=APP_NAME, route_prefix="/")
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
         yield client
@@ -87,6 +89,7 @@ def test_generate_returns_valid_pngs(server):
     body = r.json()
     assert (body["model"], body["run_id"], body["seed"]) == ("toy", "run-toy", 0)
     assert body["elapsed_ms"] > 0 and len(body["images"]) == 3
+    assert [item["seed"] for item in body["images"]] == [0, 1, 2]  # image i has seed seed + i
     for item in body["images"]:
         image = decode(item["png_base64"])
         assert (image.format, image.mode, image.size, item["score"]) == ("PNG", "RGB", (16, 16), None)
@@ -106,7 +109,10 @@ def test_same_seed_same_images(server):
     assert images({"n": 4, "label": "triangle", "seed": 11}) == first  # a class name is the same label
     assert images({"n": 4, "label": 2, "seed": 12}) != first
     assert images({"n": 4, "label": 2, "seed": 11, "temperature": 0.5}) != first
+    assert images({"n": 4, "label": 2, "seed": 11, "style": "inverted"}) != first
     assert len(set(first)) == 4  # the images of one request differ from each other
+    # image i of seed s is drawn again alone with seed s + i
+    assert images({"n": 1, "label": 2, "seed": 13}) == first[2:3]
 
 
 def test_png_format_single_and_grid(server):
@@ -139,17 +145,28 @@ def test_health_models_docs_and_playground(server):
     body = server.get("/v1/models").json()
     assert (body["default_model"], body["max_n"], body["reranking"]) == ("toy", MAX_N, "ready")
     models = {m["name"]: m for m in body["models"]}
-    assert models["toy"]["data"] == {"resolution": 16, "channels": 3, "num_classes": 4, "class_names": CLASSES,
-                                     "has_captions": False}
-    assert (models["toy"]["family"], models["toy"]["run_id"], models["toy"]["conditioning"]) == \
-        ("servetoy", "run-toy", "label")
-    assert models["toy"]["source"].endswith("toy") and models["toy"]["parameters"] > 0
-    assert models["toy"]["sampling_options"]["temperature"] == {"type": "float", "default": 1.0,
-                                                                "help": "scale of the input noise; must be > 0"}
-    assert (models["text"]["conditioning"], models["plain"]["conditioning"]) == ("caption", "none")
-    assert (models["seq"]["family"], models["seq"]["conditioning"]) == ("seqimg", "label")
-    assert set(models["seq"]["sampling_options"]) >= {"temperature", "top_k"}
-    assert "/v1/generate" in server.get("/openapi.json").json()["paths"]
+    toy_info = models["toy"]
+    data = toy_info["data"]
+    assert (data["channels"], data["height"], data["width"], data["num_classes"], data["class_names"]) == \
+        (3, 16, 16, 4, CLASSES)
+    assert (toy_info["family"], toy_info["run_id"], toy_info["capabilities"]) == ("servetoy", "run-toy",
+                                                                                 ["sample", "train"])
+    assert toy_info["condition"]["kind"] == "label" and toy_info["condition"]["schema"]["anyOf"][1]["enum"] == CLASSES
+    assert toy_info["source"].endswith("toy") and toy_info["parameters"] > 0
+    assert (toy_info["device"], toy_info["replicas"]) == ("cpu", 1)
+    temperature = toy_info["params"]["properties"]["temperature"]
+    assert (temperature["type"], temperature["default"], temperature["exclusiveMinimum"], temperature["maximum"]) == \
+        ("number", 1.0, 0.0, 10.0)
+    assert (models["text"]["condition"]["kind"], models["plain"]["condition"]["kind"]) == ("caption", "none")
+    assert (models["seq"]["family"], models["seq"]["condition"]["kind"]) == ("seqimg", "label")
+    assert models["seq"]["params"]["properties"]["top_k"]["maximum"] == 256
+    # the OpenAPI schema documents every model's own parameters, with their ranges
+    doc = server.get("/openapi.json").json()
+    body_schema = doc["paths"]["/v1/generate"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert len(body_schema["anyOf"]) == 4
+    seq = doc["components"]["schemas"]["GenerateRequest.seq"]["properties"]
+    assert (seq["top_k"]["maximum"], seq["temperature"]["maximum"], seq["model"]["const"]) == (256, 10.0, "seq")
+    assert doc["components"]["schemas"]["servetoy.Style"]["enum"] == ["plain", "inverted"]
     assert server.get("/docs").status_code == 200
     page = server.get("/")
     assert page.status_code == 200 and "raygen playground" in page.text and "/v1/generate" in page.text
@@ -168,7 +185,11 @@ BAD = [
     ({"format": "gif"}, "format", 422),
     ({"colour": "red"}, "colour", 422),
     ({"temperature": "hot"}, "temperature", 422),
-    ({"top_k": 3}, "top_k", 422),  # an option of another model
+    ({"temperature": -1.0}, "temperature", 422),  # the family's range: > 0
+    ({"style": "bold"}, "style", 422),
+    ({"top_k": 3}, "top_k", 422),  # a parameter of another model
+    ({"model": "seq", "top_k": 300}, "top_k", 422),
+    ({"scene": {"objects": [{"x": 1.0}]}}, "scene", 422),
     ({"label": 4}, "label", 422),
     ({"label": -1}, "label", 422),
     ({"label": "hexagon"}, "label", 422),
@@ -203,12 +224,19 @@ def test_other_failures_are_json(server):
     assert server.get("/v1/generate").json()["error"] and server.get("/v1/generate").status_code == 405
     assert server.get("/no/such/page").status_code == 404
     # a value the model itself rejects is the client's to fix: 422 with the model's reason
-    r = server.post("/v1/generate", json={"temperature": -1.0})
-    assert r.status_code == 422 and "temperature must be > 0" in r.json()["error"]
+    r = server.post("/v1/generate", json={"reject": True})
+    assert r.status_code == 422 and "rejects this request" in r.json()["error"]
     # an internal error: 500 with a one-line message, no traceback, and the server keeps serving
     r = server.post("/v1/generate", json={"explode": True})
     assert r.status_code == 500 and "boom" in r.json()["error"] and "Traceback" not in r.text
     assert server.post("/v1/generate", json={"seed": 1}).status_code == 200
+
+
+def best_of_six(server) -> list[int]:
+    """Indices of the two brightest of the six candidates of seed 7, label 0."""
+    candidates = server.post("/v1/generate", json={"n": 6, "seed": 7, "label": 0}).json()["images"]
+    brightness = [np.asarray(decode(c["png_base64"]), dtype=np.float32).mean() for c in candidates]
+    return sorted(range(6), key=lambda i: -brightness[i])[:2]
 
 
 def test_best_of_reranks_by_score(server):
@@ -217,10 +245,11 @@ def test_best_of_reranks_by_score(server):
     kept = r.json()["images"]
     scores = [i["score"] for i in kept]
     assert len(kept) == 2 and scores[0] >= scores[1]
+    assert [i["seed"] for i in kept] == [7 + i for i in best_of_six(server)]
     # the kept images are the two brightest of the six candidates the same seed gives
     candidates = server.post("/v1/generate", json={"n": 6, "seed": 7, "label": 0}).json()["images"]
     brightness = [np.asarray(decode(c["png_base64"]), dtype=np.float32).mean() / 255 for c in candidates]
-    best = sorted(range(6), key=lambda i: -brightness[i])[:2]
+    best = best_of_six(server)
     assert [i["png_base64"] for i in kept] == [candidates[i]["png_base64"] for i in best]
     assert scores == pytest.approx([brightness[i] for i in best], abs=1e-6)
     dark = server.post("/v1/generate", json={"best_of": 6, "prompt": "dark", "seed": 7, "label": 0}).json()
@@ -229,10 +258,13 @@ def test_best_of_reranks_by_score(server):
 
 def test_concurrent_requests_match_sequential_ones(server):
     def body(seed):
-        return {"n": 1 + seed % 2, "seed": seed, "label": seed}
+        if seed >= 4:  # the seqimg model: labelled and unlabelled images merged into one forward call
+            return {"model": "seq", "n": 1 + seed % 2, "seed": seed, **({"label": seed % 3} if seed % 3 else {})}
+        # two params keys (temperatures): a batch holds merged and separate forward calls
+        return {"n": 1 + seed % 2, "seed": seed, "label": seed, "temperature": 1.0 if seed < 2 else 0.5}
 
-    expected = {seed: server.post("/v1/generate", json=body(seed)).json()["images"] for seed in range(4)}
-    seeds = [i % 4 for i in range(16)]
+    expected = {seed: server.post("/v1/generate", json=body(seed)).json()["images"] for seed in range(8)}
+    seeds = [i % 8 for i in range(24)]
     with ThreadPoolExecutor(max_workers=8) as pool:
         responses = list(pool.map(lambda seed: server.post("/v1/generate", json=body(seed)), seeds))
     assert [r.status_code for r in responses] == [200] * len(seeds)

@@ -7,6 +7,7 @@ workers.
     build_datasets, make_data_config   lazy decoded Ray datasets; the deterministic split
     WorkerBatches                      shuffled, augmented, resumable batches in a worker
     load_split_images                  a split as tensors, no Ray
+    load_split_latents                 a latent dataset's split (raygen.data.latents)
 
 Ray and torch are imported only when the pipeline parts are used, so the
 CLI and the builders start fast.
@@ -23,6 +24,7 @@ _LAZY = {
     "RankShard": "raygen.data.pipeline",
     "WorkerBatches": "raygen.data.worker",
     "load_split_images": "raygen.data.local",
+    "load_split_latents": "raygen.data.latents",
     "render_spheres": "raygen.data.sources.spheres",
 }
 

@@ -49,13 +49,17 @@ def load_split_images(dir: str | Path, split: str, data_spec, limit: int | None 
     """A whole split (or its first `limit` good images) as tensors, decoded
     exactly as the Ray pipeline decodes validation batches: "image" float
     [N, C, H, W] in [0, 1], "label" int64 [N], "caption" list[str], "index",
-    extra columns, and "corrupt_count"."""
+    extra columns, and "corrupt_count". A latent dataset gives "latent"
+    float32 [N, *shape] and no "image" (see load_split_latents)."""
     import torch
 
     from raygen.data.augment import center_crop
     from raygen.data.worker import to_torch_batch
 
     m = read_manifest(dir)
+    if m.kind == "latents":  # "latent" instead of "image" (raygen.data.latents)
+        from raygen.data.latents import load_split_latents
+        return {**load_split_latents(dir, split, limit), "corrupt_count": 0}
     check_spec(m, data_spec)
     params = DecodeParams.for_spec(m, data_spec)
     parts, bad = [], 0

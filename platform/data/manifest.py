@@ -18,7 +18,10 @@ SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 #: columns every shard has; anything else is an extra column described in the manifest
 CORE_COLUMNS = ("index", "png", "label", "caption")
+#: the core columns of a latent dataset's shards (kind "latents", see raygen.data.latents)
+LATENT_COLUMNS = ("index", "latent", "label", "caption")
 SPLITS = ("train", "val")
+KINDS = ("images", "latents")
 
 
 @dataclass(kw_only=True)
@@ -63,9 +66,35 @@ class SplitInfo:
 
 
 @dataclass(kw_only=True)
+class LatentInfo:
+    """What a latent dataset (kind "latents") holds: per record a float
+    tensor of `shape` stored as `dtype` (a fixed-size list column `latent`),
+    made by `encoder` (uri, export, family, digest) from `source` (path,
+    name, digest). See raygen.data.latents."""
+    shape: list[int]
+    dtype: str
+    encoder: dict[str, Any] = field(default_factory=dict)
+    source: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def map_shape(self) -> tuple[int, int, int]:
+        """The latent as [C, H, W]: [C, H, W] as is, [H, W] as [1, H, W], [D] as [D, 1, 1]."""
+        s = list(self.shape)
+        if len(s) == 3:
+            return s[0], s[1], s[2]
+        if len(s) == 2:
+            return 1, s[0], s[1]
+        if len(s) == 1:
+            return s[0], 1, 1
+        raise DataError(f"latent shape {s} has no [C, H, W] view")
+
+
+@dataclass(kw_only=True)
 class Manifest:
     """`height` x `width`: the stored images' size (manifests before
-    non-square support stored only `resolution`, read as a square)."""
+    non-square support stored only `resolution`, read as a square). A latent
+    dataset (`kind` "latents") keeps the encoded images' size there and
+    describes its latents in `latents`."""
     name: str
     height: int
     width: int
@@ -78,6 +107,8 @@ class Manifest:
     source: str = ""
     prepare: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
+    kind: str = "images"               # or "latents"
+    latents: LatentInfo | None = None  # for kind "latents"
     path: Path | None = None  # where it was read from; not stored
 
     # ------------------------------------------------------------ views
@@ -112,6 +143,11 @@ class Manifest:
         per-record condition columns (the extra columns, as plain dicts:
         kind, width, max_len, fields, description)."""
         from raygen.models.base import DataInfo
+        if self.kind == "latents":  # the model sees the latent map: its [C, H, W] (raygen.data.latents)
+            c, h, w = self.latents.map_shape
+            return DataInfo(channels=c, height=h, width=w, num_classes=self.num_classes,
+                            class_names=list(self.class_names), has_captions=self.has_captions,
+                            condition_columns={k: asdict(v) for k, v in self.extra_columns.items()})
         h, w = delivered_size(data_spec)
         return DataInfo(channels=data_spec.channels, height=h, width=w,
                         num_classes=self.num_classes, class_names=list(self.class_names),
@@ -128,6 +164,8 @@ class Manifest:
         # key order fixed so the same dataset always gives the same bytes
         order = ["schema_version", "name", "source", "resolution", "height", "width", "channels", "counts",
                  "num_classes", "class_names", "has_captions", "extra_columns", "splits", "prepare"]
+        if self.kind != "images":  # image manifests keep their bytes: the keys only appear on latent datasets
+            order[1:1] = ["kind", "latents"]
         return {k: d[k] for k in order}
 
     def to_json(self) -> str:
@@ -139,6 +177,9 @@ class Manifest:
                                shards=[ShardInfo(**s) for s in v["shards"]])
                   for k, v in d["splits"].items()}
         extras = {k: ExtraColumn(**v) for k, v in d.get("extra_columns", {}).items()}
+        kind = d.get("kind", "images")
+        if kind not in KINDS:
+            raise ValueError(f"unknown dataset kind {kind!r} (this raygen reads {', '.join(KINDS)})")
         if "height" in d and "width" in d:
             height, width = int(d["height"]), int(d["width"])
         else:  # written before non-square images: one side
@@ -147,7 +188,8 @@ class Manifest:
                    num_classes=int(d.get("num_classes", 0)), class_names=list(d.get("class_names", [])),
                    has_captions=bool(d.get("has_captions", False)), extra_columns=extras,
                    source=d.get("source", ""), prepare=d.get("prepare", {}),
-                   schema_version=int(d["schema_version"]), path=path)
+                   schema_version=int(d["schema_version"]), kind=kind,
+                   latents=LatentInfo(**d["latents"]) if kind == "latents" else None, path=path)
 
     # ------------------------------------------------------------ checks
     def verify(self) -> None:

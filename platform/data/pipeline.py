@@ -49,7 +49,10 @@ def _read_units(batch: dict, params: DecodeParams) -> dict:
     for file, rg, lo, hi in zip(batch["file"], batch["row_group"], batch["lo"], batch["hi"]):
         t = pq.ParquetFile(str(file)).read_row_group(int(rg), columns=params.read_columns)
         tables.append(t.slice(int(lo), int(hi) - int(lo)))
-    return decode_table(pa.concat_tables(tables) if len(tables) > 1 else tables[0], params)
+    table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+    if isinstance(params, DecodeParams):
+        return decode_table(table, params)
+    return params.decode(table)  # a latent dataset (raygen.data.latents.LatentParams)
 
 
 @dataclass(kw_only=True)
@@ -67,7 +70,10 @@ class Recipe:
         return rank * n, (rank + 1) * n
 
     def rank_units(self, rank: int, world_size: int) -> list[ReadUnit]:
-        lo, hi = self.rank_range(rank, world_size)
+        return self.range_units(*self.rank_range(rank, world_size))
+
+    def range_units(self, lo: int, hi: int) -> list[ReadUnit]:
+        """The read units of the rows [lo, hi) of the split, in order."""
         out = []
         for u in self.units:
             a, b = max(lo, u.first_index + u.lo), min(hi, u.first_index + u.hi)
@@ -81,6 +87,10 @@ class Recipe:
         units = self.rank_units(rank, world_size)
         if order_seed is not None:
             units = [units[i] for i in np.random.default_rng(list(order_seed)).permutation(len(units))]
+        return self.units_dataset(units)
+
+    def units_dataset(self, units: list[ReadUnit]) -> Dataset:
+        """The decoded rows of `units`, in that order."""
         items = [{"file": u.file, "row_group": u.row_group, "lo": u.lo, "hi": u.hi} for u in units]
         ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
         ds = ds.map_batches(_read_units, fn_kwargs={"params": self.params}, batch_size=1, batch_format="numpy")
@@ -160,10 +170,16 @@ def build_datasets(dir: str | Path, data_spec) -> dict[str, Dataset]:
     and converted to `data_spec.channels` (no augmentation). Columns: image uint8 [C,H,W],
     label, caption, index, extras, and `status`/`message`: undecodable or
     rejected rows are zero-image placeholders that WorkerBatches drops and
-    counts."""
+    counts. A latent dataset gives "latent" float32 [*shape] instead of
+    "image" (and no status)."""
     manifest = read_manifest(dir)
-    check_spec(manifest, data_spec)
-    params = DecodeParams.for_spec(manifest, data_spec)
+    if manifest.kind == "latents":  # "latent" [*shape] instead of "image" (raygen.data.latents)
+        from raygen.data.latents import LatentParams, check_latent_spec
+        check_latent_spec(manifest, data_spec)
+        params = LatentParams.for_manifest(manifest)
+    else:
+        check_spec(manifest, data_spec)
+        params = DecodeParams.for_spec(manifest, data_spec)
     return {split: ImageDataset.from_recipe(make_recipe(manifest, split, params))
             for split, info in manifest.splits.items() if info.rows > 0}
 

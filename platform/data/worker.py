@@ -101,7 +101,8 @@ class WorkerBatches:
     shortfall is filled with repeats), so DDP ranks stay in step and step
     N maps to (N // steps_per_epoch, N % steps_per_epoch). Validation
     batches are in order, centre-cropped when training crops, and keep the
-    last partial batch.
+    last partial batch. A latent dataset's batches hold "latent" float32
+    [B, *shape] instead of "image", not augmented (raygen.data.latents).
     """
 
     def __init__(self, shard, data_spec, *, rank: int, world_size: int, train: bool):
@@ -228,6 +229,8 @@ class WorkerBatches:
             yield self._to_torch(batch, epoch, b)
 
     def _to_torch(self, batch: dict[str, np.ndarray], epoch: int, b: int) -> dict[str, Any]:
+        if "image" not in batch:  # a latent dataset: "latent" as stored, never augmented
+            return to_torch_batch(batch, None, self._extras)
         x = np.ascontiguousarray(batch["image"])
         aug = self.spec.augment
         if self.train:
@@ -239,14 +242,16 @@ class WorkerBatches:
         return to_torch_batch(batch, x, self._extras)
 
 
-def to_torch_batch(batch: dict[str, np.ndarray], image_u8: np.ndarray, extras: dict) -> dict[str, Any]:
+def to_torch_batch(batch: dict[str, np.ndarray], image_u8: np.ndarray | None, extras: dict) -> dict[str, Any]:
+    """`image_u8` None: no "image" (a latent dataset's batch keeps its float "latent" column)."""
     out: dict[str, Any] = {
-        # numpy for the conversion: torch's per-op overhead dominates on small batches
-        "image": torch.from_numpy(image_u8.astype(np.float32) * np.float32(1.0 / 255.0)),
         "label": torch.from_numpy(np.asarray(batch["label"], np.int64)),
         "caption": [str(c) for c in batch["caption"]],
         "index": torch.from_numpy(np.asarray(batch["index"], np.int64)),
     }
+    if image_u8 is not None:
+        # numpy for the conversion: torch's per-op overhead dominates on small batches
+        out = {"image": torch.from_numpy(image_u8.astype(np.float32) * np.float32(1.0 / 255.0)), **out}
     for name, arr in batch.items():
         if name in out or name == "image":
             continue

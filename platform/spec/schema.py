@@ -221,6 +221,9 @@ class TrackSpec(Section):
     tracking_uri: str | None = Field(None, description="default: sqlite:///<run_dir>/mlflow.db")
     experiment: str = "raygen"
     register_model: bool = True
+    system_metrics_every_s: float = Field(10.0, ge=0, description="seconds between MLflow system metrics (CPU, "
+                                          "memory, disk, network; GPU with nvidia-ml-py) logged by rank 0 of each "
+                                          "node; 0: none")
     fid: FIDSpec = Field(default_factory=FIDSpec)
 
 

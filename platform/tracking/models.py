@@ -123,7 +123,8 @@ def register(tracking_uri: str, run_id: str, name: str, *, model_id: str | None 
     if model_id is None:  # a run logged before raygen models were MLflow Models: its `model` run artifact
         version = c.create_model_version(name, source=f"runs:/{run_id}/{MODEL_NAME}", run_id=run_id)
     else:
-        version = c.create_model_version(name, source=f"models:/{model_id}", run_id=run_id, model_id=model_id)
+        with using_store(tracking_uri):  # the registry resolves models:/MODEL_ID through the fluent store
+            version = c.create_model_version(name, source=f"models:/{model_id}", run_id=run_id, model_id=model_id)
     return f"models:/{name}/{version.version}"
 
 

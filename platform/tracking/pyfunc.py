@@ -147,6 +147,10 @@ def _int(row: dict[str, Any], key: str, default: int, low: int, high: int, where
 class RaygenPyfunc(mlflow.pyfunc.PythonModel):
     """The pyfunc of every raygen model; its state is the export folder in the model's artifacts."""
 
+    # the input schema is the explicit signature (signature_for), not predict's type hints:
+    # MLflow's hint-based wrapping of predict is left out
+    _skip_type_hint_validation = True
+
     def load_context(self, context) -> None:
         from raygen.exports import load_exported
         self.loaded = load_exported(context.artifacts[EXPORT_ARTIFACT])

@@ -159,6 +159,8 @@ def _run_in(run_dir: Path, spec: JobSpec, started: float, *, resume: bool, track
                        run_id=previous.get("mlflow_run_id") if resume else None, parent_run_id=parent_run_id,
                        tags={"raygen.family": spec.model.family, "raygen.run_dir": str(run_dir)})
     tracked.log_params({"model.num_parameters": n_params, "data.prepared_dir": str(data_dir)})
+    from raygen.tracking.lineage import log_dataset_inputs
+    log_dataset_inputs(tracked, data_dir, manifest)  # train and val splits: folder, manifest digest, counts, recipe
     if sources:
         tracked.set_tags({f"raygen.component.{k}": v for k, v in sources.items()})
     state_file.write_text(json.dumps({"mlflow_run_id": tracked.run_id, "tracking_uri": tracking_uri,

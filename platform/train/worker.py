@@ -204,4 +204,7 @@ def _train(config: WorkerConfig, ctx) -> None:
     resume = _resume_folder(config, run_dir)
     if resume is not None and rank == 0:
         say(f"resuming from {resume}")
-    trainer.fit(resume, stop_after=config.stop_after)
+    from raygen.tracking.system_metrics import worker_system_metrics
+    # MLflow system metrics from local rank 0 only: one monitor per node
+    with worker_system_metrics(ctx, config.tracking_uri, config.mlflow_run_id, spec.track.system_metrics_every_s):
+        trainer.fit(resume, stop_after=config.stop_after)

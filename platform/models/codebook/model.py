@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from raygen.models.base import DataInfo, Generator
 
-# distances are computed in slices of at most this many (patch, code, value) elements
+# distances and outer products are computed in slices of at most this many elements
 _SLICE_ELEMENTS = 1 << 22
 
 
@@ -99,20 +99,14 @@ class PatchCodebook(Generator):
     def _nearest(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Nearest code of each row of x [N, D] (float64): indices long [N] and squared distances [N].
 
-        Differences, not the |x|² - 2x·c + |c|² expansion: each distance is then
-        computed the same way whatever batch the patch sits in, so splitting a
-        batch across workers cannot change an assignment."""
+        Distances from differences, not the |x|² - 2x·c + |c|² matrix product:
+        each is then computed the same way whatever batch the patch sits in, so
+        splitting a batch across workers cannot change an assignment."""
         codes = self.codebook.to(x.device, torch.float64)
-        rows = max(1, _SLICE_ELEMENTS // (codes.shape[0] * codes.shape[1]))
-        index, dist = [], []
-        for part in x.split(rows):
-            d2 = (part[:, None, :] - codes[None]).pow(2).sum(-1)
-            best, at = d2.min(1)  # ties go to the lowest index
-            index.append(at)
-            dist.append(best)
-        if not index:
-            return torch.zeros(0, dtype=torch.long, device=x.device), torch.zeros(0, dtype=x.dtype, device=x.device)
-        return torch.cat(index), torch.cat(dist)
+        rows = max(1, _SLICE_ELEMENTS // codes.shape[0])
+        index = torch.cat([torch.cdist(part, codes, compute_mode="donot_use_mm_for_euclid_dist").argmin(1)
+                           for part in x.split(rows)]) if len(x) else torch.zeros(0, dtype=torch.long, device=x.device)
+        return index, (x - codes[index]).pow(2).sum(-1)  # ties go to the lowest index
 
     # ---------------------------------------------------------------- encode / decode
     @torch.no_grad()
@@ -148,14 +142,14 @@ class PatchCodebook(Generator):
         index, d2 = self._nearest(x)
         k, d = self.config.codes, self.dim
         zeros = dict(dtype=torch.float64, device=x.device)
-        outer = torch.zeros(k, d, d, **zeros)
+        outer = torch.zeros(k, d * d, **zeros)  # index_add_ into 2-D is many times faster than into [K, D, D]
         rows = max(1, _SLICE_ELEMENTS // (d * d))
         for part, at in zip(x.split(rows), index.split(rows)):
-            outer.index_add_(0, at, part[:, :, None] * part[:, None, :])
+            outer.index_add_(0, at, (part[:, :, None] * part[:, None, :]).reshape(-1, d * d))
         return {"count": torch.zeros(k, **zeros).index_add_(0, index, torch.ones_like(d2)),
                 "sum": torch.zeros(k, d, **zeros).index_add_(0, index, x),
                 "sse": torch.zeros(k, **zeros).index_add_(0, index, d2),
-                "outer": outer}
+                "outer": outer.reshape(k, d, d)}
 
     @torch.no_grad()
     def apply_fit(self, stats: dict[str, torch.Tensor], step: int) -> dict[str, float]:

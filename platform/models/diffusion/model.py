@@ -102,6 +102,7 @@ class DiffusionSampling(SamplingParams):
     guidance_rescale: float = Field(0.0, ge=0.0, le=1.0,
                                     description="rescale the guided prediction's std towards the conditional one "
                                                 "(Lin et al. 2023); 0 = off")
+    clip_sample: bool = Field(False, description="clip each step's predicted x0 to [-1, 1] (pixel models only)")
 
 
 # ---------------------------------------------------------------- the model
@@ -217,7 +218,9 @@ class DiffusionModel(Generator):
             device, dtype = self._param.device, self._param.dtype
             cond = self.condition_inputs(conditions, generators)
             null = self.conditioner.null(n, device) if scale != 1.0 else None
-            scheduler = make_sampler(sampler, self.config.noise, pixels=not self.latent)
+            if params.clip_sample and self.latent:
+                raise ValueError("clip_sample: latents have no fixed range; it applies to pixel models only")
+            scheduler = make_sampler(sampler, self.config.noise, clip_sample=params.clip_sample)
             scheduler.set_timesteps(steps, device=device)
             step_kwargs = SAMPLERS[sampler].step_kwargs(params)
             x = per_image_randn(generators, self.x_shape).to(device) * scheduler.init_noise_sigma

@@ -31,7 +31,7 @@ def schedule_kwargs(noise: NoiseOptions) -> dict[str, Any]:
 class SamplerEntry:
     cls: type[SchedulerMixin]
     description: str
-    #: extra scheduler arguments given whether the model works on pixels (clip x0 to [-1, 1]) or latents
+    #: extra scheduler arguments, given whether to clip the predicted x0 to [-1, 1] at every step
     extra: Callable[[bool], dict[str, Any]]
     #: step() keyword arguments taken from the request (eta for DDIM)
     step_kwargs: Callable[[Any], dict[str, Any]] = lambda params: {}
@@ -41,16 +41,18 @@ class SamplerEntry:
 # makes few-step sampling better in general (Lin et al. 2023, table 2).
 SAMPLERS: dict[str, SamplerEntry] = {
     "ddpm": SamplerEntry(DDPMScheduler, "ancestral DDPM (Ho et al. 2020); stochastic",
-                         lambda pixels: {"clip_sample": pixels, "timestep_spacing": "trailing",
-                                         "variance_type": "fixed_small"}),
+                         lambda clip: {"clip_sample": clip, "timestep_spacing": "trailing",
+                                       "variance_type": "fixed_small"}),
     "ddim": SamplerEntry(DDIMScheduler, "DDIM (Song et al. 2021); eta 0 is deterministic, eta 1 is DDPM-like",
-                         lambda pixels: {"clip_sample": pixels, "timestep_spacing": "trailing",
-                                         "set_alpha_to_one": True},
+                         lambda clip: {"clip_sample": clip, "timestep_spacing": "trailing",
+                                       "set_alpha_to_one": True},
                          lambda params: {"eta": params.eta}),
     "dpmsolver++": SamplerEntry(DPMSolverMultistepScheduler,
                                 "DPM-Solver++ (Lu et al. 2022), 2nd-order multistep; deterministic",
-                                lambda pixels: {"algorithm_type": "dpmsolver++", "solver_order": 2,
-                                                "timestep_spacing": "trailing"}),
+                                # dynamic thresholding capped at 1 is clipping x0 to [-1, 1], as DDPM/DDIM do
+                                lambda clip: {"algorithm_type": "dpmsolver++", "solver_order": 2,
+                                              "timestep_spacing": "trailing", "thresholding": clip,
+                                              "sample_max_value": 1.0}),
 }
 
 
@@ -58,12 +60,16 @@ def training_scheduler(noise: NoiseOptions) -> DDPMScheduler:
     return DDPMScheduler(**schedule_kwargs(noise), clip_sample=False)
 
 
-def make_sampler(name: str, noise: NoiseOptions, *, pixels: bool) -> SchedulerMixin:
-    """A fresh scheduler (they hold per-run state) of the named kind, with the model's betas."""
+def make_sampler(name: str, noise: NoiseOptions, *, clip_sample: bool = False) -> SchedulerMixin:
+    """A fresh scheduler (they hold per-run state) of the named kind, with the model's betas.
+
+    clip_sample clips each step's predicted x0 to [-1, 1] (pixel models). Off by default: it is not part
+    of the probability-flow ODE, so with it DDIM and DPM-Solver++ no longer solve the same equation
+    (DDIM keeps the unclipped noise), and on a young model it dominates the result."""
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; choose one of: {', '.join(SAMPLERS)}")
     entry = SAMPLERS[name]
-    return entry.cls(**schedule_kwargs(noise), **entry.extra(pixels))
+    return entry.cls(**schedule_kwargs(noise), **entry.extra(clip_sample))
 
 
 class NoiseProcess:

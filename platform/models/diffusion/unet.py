@@ -59,9 +59,10 @@ def block_types(opts: UNetOptions) -> tuple[tuple[str, ...], tuple[str, ...], st
     levels = opts.levels_with_attention()
     if opts.has_cross_attention:
         down_attn, up_attn = "CrossAttnDownBlock2D", "CrossAttnUpBlock2D"
-        # a cross-only middle block: SimpleCrossAttn with only_cross_attention (the UNet's transformer blocks
-        # get only_cross_attention from the options); self_cross keeps the usual self+cross middle
-        mid = "UNetMidBlock2DSimpleCrossAttn" if opts.attention == "cross" else "UNetMidBlock2DCrossAttn"
+        # cross only: diffusers' middle blocks with attention all hold self-attention (the SimpleCrossAttn one
+        # can drop it, but it mis-pads a caption's padding mask), so the middle stays ResNets; the transformer
+        # blocks of the down and up levels get only_cross_attention
+        mid = "UNetMidBlock2D" if opts.attention == "cross" else "UNetMidBlock2DCrossAttn"
     elif opts.attention == "self":
         down_attn, up_attn, mid = "AttnDownBlock2D", "AttnUpBlock2D", "UNetMidBlock2D"
     else:
@@ -96,8 +97,6 @@ def build_unet(opts: UNetOptions, *, channels: int, size: tuple[int, int], condi
     kwargs = dict(common, mid_block_type=mid, attention_head_dim=heads,  # (diffusers: heads per level)
                   transformer_layers_per_block=opts.transformer_layers,
                   only_cross_attention=opts.attention == "cross")
-    if opts.attention == "cross":
-        kwargs["mid_block_only_cross_attention"] = True
     if condition == "label":
         cross_dim = opts.cross_attention_dim or opts.widths[0]
         kwargs.update(cross_attention_dim=cross_dim, encoder_hid_dim=num_classes + 1, encoder_hid_dim_type="text_proj")
