@@ -44,12 +44,15 @@ def validate_pipeline_file(args) -> int:
     pipeline, base = load_pipeline(args.file, args.set)
     stages = validate_pipeline(pipeline, base)
     for name, spec in stages.items():
+        if pipeline.stages[name].encode is not None:
+            continue  # an encode stage: its references were checked by validate_pipeline
         try:
             check_runnable(spec, tune=False)
         except SpecError as err:
             raise SpecError([f"stages.{name}: {p}" for p in err.problems], args.file) from None
     print(f"{args.file}: ok (pipeline of {len(stages)} stage(s): "
-          + ", ".join(f"{n} ({s.model.family})" for n, s in stages.items()) + ")")
+          + ", ".join(f"{n} ({'encode' if pipeline.stages[n].encode is not None else s.model.family})"
+                      for n, s in stages.items()) + ")")
     return 0
 
 

@@ -112,8 +112,9 @@ def run_pipeline_command(args) -> int:
         raise UserError(str(err)) from None
     print()
     print(f"Pipeline {pipeline.name} finished: {result.folder}")
-    for name, model in result.models.items():
+    for name in pipeline.stages:
         how = "skipped, finished earlier" if name in result.skipped else "ran"
-        print(f"  {name}: {model}  ({how})")
+        output = result.models.get(name) or f"latents {result.data.get(name)}"
+        print(f"  {name}: {output}  ({how})")
     print(f"  MLflow: parent run {result.parent_run_id} in {result.tracking_uri}")
     return 0

@@ -91,3 +91,50 @@ def test_servers_are_recognised_with_their_port():
     assert h.server_of("raygen serve --model runs/q --port 8123") == (8123, "/healthz")
     assert h.server_of("raygen ui") == (5000, "/")
     assert h.server_of("raygen sample runs/q") is None
+
+
+# ------------------------------------------------------------------ running (no Ray: small shell docs)
+def run_doc(tmp_path: Path, text: str) -> h.Report:
+    doc = tmp_path / "doc.md"
+    doc.write_text(text)
+    return h.DocRunner(doc, tmp_path / "ws", log=lambda line: None).run()
+
+
+def test_blocks_run_in_order_in_one_workspace(tmp_path):
+    report = run_doc(tmp_path, (
+        "```bash\necho one > a.txt   # a comment\n```\n\n"
+        "<!-- doctest: setup: echo zero > z.txt -->\n"
+        "<!-- doctest: add `cat a.txt`: z.txt -->\n"
+        "<!-- doctest: skip `rm`: would delete the evidence -->\n"
+        "```bash\ncat a.txt > both.txt\nrm a.txt\n```\n\n"
+        "```python\nfrom pathlib import Path\nassert Path('both.txt').read_text() == 'one\\nzero\\n'\n```\n\n"
+        "```json\n{\"n\": 1}\n```\n"))
+    assert len(report.ran) == 4
+    assert report.skipped == [(f"{tmp_path / 'doc.md'}:8 `rm a.txt`", "would delete the evidence")]
+    assert (tmp_path / "ws" / "a.txt").is_file() and (tmp_path / "ws" / "jobs").is_symlink()
+
+
+def test_a_failing_command_names_the_doc_line_and_its_output(tmp_path):
+    with pytest.raises(h.BlockFailed, match=r"doc.md:3: command exited 2: ls no-such-file\n.*no-such-file"):
+        run_doc(tmp_path, "Text.\n\n```bash\necho fine\nls no-such-file\necho never\n```\n")
+
+
+def test_a_block_it_cannot_run_fails_the_doc(tmp_path):
+    with pytest.raises(h.DocError, match="doc.md:1: a code block with no language cannot run"):
+        run_doc(tmp_path, "```\noutput of something\n```\n")
+
+
+@pytest.mark.slow
+def test_a_server_serves_the_next_block_and_is_then_stopped(tmp_path, monkeypatch):
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setitem(h.SERVERS, "python -m http.server", (port, "/"))
+    url = f"http://127.0.0.1:{port}/"
+    report = run_doc(tmp_path, (
+        f"```bash\npython -m http.server {port} --bind 127.0.0.1\n```\n\n"
+        f"```bash\ncurl -s {url} -o listing.html\n```\n\n"
+        f"```bash\n! curl -s {url}\n```\n"))
+    assert len(report.ran) == 3  # the last block passes only if the server was stopped after the second
+    assert "jobs/" in (tmp_path / "ws" / "listing.html").read_text()  # it listed the workspace

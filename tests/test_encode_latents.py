@@ -236,3 +236,52 @@ def test_encode_asks_for_the_encode_capability(ae, digits, tmp_path, capfd):
     assert err.count("\n") == 1
     assert "cannot encode and decode images: it lacks capability 'encode'" in err and "toy_ae" in err
     assert not (tmp_path / "lat").exists()
+
+
+# ---------------------------------------------------------------- the pipeline stage kind (validation only)
+def encode_pipeline(folder: Path, encode: dict, consumer_data: str = "${stages.latents.data}",
+                    ae_family: str = "toy_ae") -> Path:
+    import yaml
+    stage = {"data": {"dataset": "digits", "resolution": 8, "batch_size": 16, "root": str(folder / "data")},
+             "train": {"steps": 2, "log_every": 1, "ema": {"enabled": False}},
+             "scale": {"workers": 1}, "track": {"fid": {"enabled": False}, "register_model": False}}
+    ae = {**stage, "model": {"family": ae_family}}
+    if ae_family == "toy_refiner":
+        ae["model"]["components"] = {"base": "somewhere"}
+    consumer = {**stage, "data": {**stage["data"], "dataset": consumer_data}, "model": {"family": "toy_ae"}}
+    raw = {"name": "cascade", "run_dir": str(folder / "runs"),
+           "stages": {"ae": {"spec": ae}, "latents": {"encode": encode}, "next": {"spec": consumer}}}
+    path = folder / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def test_an_encode_stage_in_a_pipeline_spec(tmp_path, capfd):
+    from raygen.jobs.cli import main
+    from raygen.spec.errors import SpecError
+    from raygen.spec.pipeline import EncodeStageSpec, load_pipeline, validate_pipeline
+
+    path = encode_pipeline(tmp_path, {"model": "${stages.ae.model}", "data": "digits", "dtype": "float16"})
+    specs = validate_pipeline(*load_pipeline(path))
+    assert isinstance(specs["latents"], EncodeStageSpec)
+    assert specs["latents"].model == "<model of stage ae>" and specs["latents"].dtype == "float16"
+    assert specs["next"].data.dataset == "<data of stage latents>"
+    assert main(["spec", "validate", str(path)]) == 0
+    assert "pipeline of 3 stage(s): ae (toy_ae), latents (encode), next (toy_ae)" in capfd.readouterr().out
+
+    with pytest.raises(SpecError, match=r"stages.next: \$\{stages.latents.model\}: stage latents is an encode "
+                                        r"stage: it gives a dataset, \$\{stages.latents.data\}"):
+        validate_pipeline(*load_pipeline(encode_pipeline(tmp_path, {"model": "${stages.ae.model}", "data": "digits"},
+                                                         consumer_data="${stages.latents.model}")))
+    with pytest.raises(SpecError, match=r"stages.latents: \$\{stages.ae.data\}: stage ae is a training stage"):
+        validate_pipeline(*load_pipeline(encode_pipeline(tmp_path, {"model": "${stages.ae.data}", "data": "digits"})))
+    with pytest.raises(SpecError, match=r"stages.latents: \$\{stages.next.model\} refers to a stage .*only earlier"):
+        validate_pipeline(*load_pipeline(encode_pipeline(tmp_path, {"model": "${stages.next.model}", "data": "x"})))
+    with pytest.raises(SpecError, match="stages.latents.encode.model: stage ae trains a toy_refiner model, which "
+                                        "cannot encode"):
+        validate_pipeline(*load_pipeline(encode_pipeline(tmp_path, {"model": "${stages.ae.model}", "data": "digits"},
+                                                         ae_family="toy_refiner")))
+    with pytest.raises(SpecError, match="stages.latents: .*either `spec` .* or `encode` .*, not both"):
+        load_pipeline(encode_pipeline(tmp_path, {"model": "m", "data": "d"}), ["stages.latents.spec=ae.yaml"])
+    with pytest.raises(SpecError, match="dtype"):
+        load_pipeline(encode_pipeline(tmp_path, {"model": "m", "data": "d", "dtype": "float64"}))

@@ -92,7 +92,7 @@ def test_signature_and_flavor_are_what_mlflow_reads(logged):
     pyfunc = info.flavors["python_function"]
     assert pyfunc["loader_module"] == "mlflow.pyfunc.loaders.code_model"  # models-from-code, not a pickle
     assert Path(pyfunc["model_code_path"]).name == "pyfunc_model.py"
-    assert pyfunc["config"] == {"task": "sample"}
+    assert pyfunc["config"] == {"raygen.task": "sample"}
 
 
 def test_the_model_folder_holds_the_export_and_no_pickles(logged):
@@ -122,6 +122,7 @@ def test_one_logged_model_linked_to_its_run_metrics_and_version(logged):
     assert metrics["fid"] == (40.0, 8) and metrics["kid"] == (0.02, 8) and metrics["loss"] == (1.0, 8)
     assert metrics["val_loss"] == (1.25, 6)  # the latest eval, though logged before the final step
     run = c.get_run(logged["run_id"])
+    assert run.data.params["raygen.task"] == "sample"  # MLflow logs the pyfunc's model_config as run params
     assert [(o.model_id, o.step) for o in run.outputs.model_outputs] == [(model.model_id, 8)]
     assert [m.step for m in c.get_metric_history(logged["run_id"], "val_loss")] == [6]  # linking adds no point
     # one artifact: the run holds no second copy, and the version points at the LoggedModel

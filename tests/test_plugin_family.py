@@ -27,7 +27,8 @@ from pathlib import Path
 import pytest
 import torch
 
-PLUGIN = Path(__file__).resolve().parent / "plugin_family"
+REPO = Path(__file__).resolve().parents[1]
+PLUGIN = REPO / "tests" / "plugin_family"
 FAMILY = "democvae"
 
 
@@ -180,3 +181,15 @@ track: {{experiment: plugin, fid: {{enabled: false}}}}
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_installed_plugin_passes_the_conformance_suite(installed):
+    """tests/families checks every registered family's debug flavors; with the
+    plugin installed, that includes the plugin's."""
+    _, env = installed
+    done = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "tests/families",
+                           "-k", FAMILY], capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    flavors = [line for line in done.stdout.splitlines() if "passed" in line]
+    assert flavors and int(flavors[-1].split(" passed")[0].split()[-1]) >= 10, done.stdout[-2000:]

@@ -249,6 +249,48 @@ def test_a_failing_request_does_not_fail_its_batch_neighbours(monkeypatch):
     assert results[0]["images"].shape == (1, 8, 8, 3) and results[2]["images"].shape == (1, 8, 8, 3)
 
 
+def test_a_batch_takes_what_queued_while_the_previous_one_ran():
+    import threading
+
+    from raygen.serving.deployments import ContinuousBatcher
+
+    gate, batches = threading.Event(), []
+
+    def run(items):
+        batches.append(list(items))
+        if len(batches) == 1:
+            gate.wait(30)  # the first batch holds the worker until everything else has queued
+        return [f"done {i}" for i in items]
+
+    async def scenario():
+        batcher = ContinuousBatcher(run, max_batch_size=4, batch_wait_timeout_s=0.0)
+        first = asyncio.ensure_future(batcher.submit(0))
+        while not batches:  # the worker found no company: a batch of one
+            await asyncio.sleep(0.001)
+        rest = [asyncio.ensure_future(batcher.submit(i)) for i in range(1, 7)]
+        cancelled = asyncio.ensure_future(batcher.submit("gone"))
+        await asyncio.sleep(0)
+        cancelled.cancel()  # a caller that gave up while queued is never sampled
+        gate.set()
+        return await asyncio.gather(first, *rest)
+
+    results = asyncio.run(scenario())
+    assert results == [f"done {i}" for i in range(7)]
+    assert batches == [[0], [1, 2, 3, 4], [5, 6]]  # at most max_batch_size, in arrival order
+
+    def broken(items):
+        raise RuntimeError("the whole batch failed")
+
+    async def failing():
+        batcher = ContinuousBatcher(broken, max_batch_size=4, batch_wait_timeout_s=0.0)
+        with pytest.raises(RuntimeError, match="whole batch"):
+            await batcher.submit(1)
+        with pytest.raises(RuntimeError, match="whole batch"):  # and the worker goes on serving
+            await batcher.submit(2)
+
+    asyncio.run(failing())
+
+
 # ---------------------------------------------------------------- the HTTP app, without Ray
 class _Call:
     def __init__(self, fn, *args):

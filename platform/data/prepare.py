@@ -33,7 +33,8 @@ def _progress(iterable, total: int, desc: str):
     if not progress_enabled():
         return iterable
     from tqdm import tqdm
-    return tqdm(iterable, total=total, desc=desc, unit="img", leave=False, dynamic_ncols=True)
+    # disable=None: a bar on a terminal only; piped output gets no carriage-return frames
+    return tqdm(iterable, total=total, desc=desc, unit="img", leave=False, dynamic_ncols=True, disable=None)
 
 
 def detect_import(path: str) -> str | None:

@@ -6,7 +6,7 @@ names `RaygenPyfunc`), and the export folder is the model's one artifact,
 `artifacts/export/` in the MLflow Model folder:
 
     MLmodel                 flavors.python_function: loader, artifacts.export,
-                            model_config.task; the signature
+                            model_config["raygen.task"] (also a run param); the signature
     pyfunc_model.py         the models-from-code file (copied in)
     artifacts/export/       the raygen export: raygen-model.json, weights.safetensors
                             (safetensors only), spec.yaml, data_info.json,
@@ -18,7 +18,7 @@ names `RaygenPyfunc`), and the export folder is the model's one artifact,
 eval models:/NAME/VERSION` all load the same files.
 
 What `predict` does depends on what the family can do (its capabilities),
-chosen when the model is logged and written as `model_config.task`:
+chosen when the model is logged and written as `raygen.task` in the MLmodel's model_config:
 
 - "sample": one input row per request; columns `n` (default 1), `seed`
   (default 0) and the model's condition field (`label`, `caption`, `scene`
@@ -40,9 +40,11 @@ from typing import Any
 
 import mlflow.pyfunc
 
-from raygen.tracking.models import EXPORT_ARTIFACT, find_export  # noqa: F401  (find_export: re-exported)
+from raygen.tracking.models import EXPORT_ARTIFACT
 
 CODE_FILE = Path(__file__).with_name("pyfunc_model.py")
+#: the model_config key naming the task (MLflow also logs it as a run param)
+TASK_KEY = "raygen.task"
 TASKS = ("sample", "reconstruct", "score", "none")
 #: at most this many images (sample) or input rows per predict call
 MAX_IMAGES = 256
@@ -103,10 +105,6 @@ def signature_for(model, task: str | None = None):
 
 
 # ---------------------------------------------------------------- the model
-class PredictError(ValueError):
-    pass
-
-
 def _bad(message: str):
     from mlflow.exceptions import MlflowException
     from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
@@ -115,10 +113,13 @@ def _bad(message: str):
 
 def _cell(row: dict[str, Any], key: str) -> Any:
     """A row's value, None when the column is absent or empty (NaN/None in a DataFrame)."""
+    import numpy as np
     value = row.get(key)
+    if isinstance(value, np.generic):  # numpy scalars from a DataFrame: plain Python values
+        value = value.item()
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return None
-    return value.item() if hasattr(value, "item") and not isinstance(value, (bytes, str)) else value
+    return value
 
 
 def _rows(model_input) -> list[dict[str, Any]]:
@@ -136,7 +137,7 @@ def _int(row: dict[str, Any], key: str, default: int, low: int, high: int, where
     value = _cell(row, key)
     if value is None:
         return default
-    if isinstance(value, bool) or not float(value).is_integer():
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer():
         raise _bad(f"{where}.{key} must be an integer, got {value!r}")
     value = int(value)
     if not low <= value <= high:
@@ -155,7 +156,7 @@ class RaygenPyfunc(mlflow.pyfunc.PythonModel):
         from raygen.exports import load_exported
         self.loaded = load_exported(context.artifacts[EXPORT_ARTIFACT])
         self.model = self.loaded.model
-        self.task = (context.model_config or {}).get("task") or task_for(self.model)
+        self.task = (context.model_config or {}).get(TASK_KEY) or task_for(self.model)
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None):
         if self.task == "sample":
@@ -265,7 +266,7 @@ def save_pyfunc(export_dir: str | Path, path: str | Path, **kwargs) -> Path:
     task = task_for(loaded.model)
     mlflow.pyfunc.save_model(path=str(path), python_model=str(CODE_FILE),
                              artifacts={EXPORT_ARTIFACT: str(Path(export_dir).resolve())},
-                             signature=signature_for(loaded.model, task), model_config={"task": task},
+                             signature=signature_for(loaded.model, task), model_config={TASK_KEY: task},
                              pip_requirements=pip_requirements(), **kwargs)
     return Path(path)
 
@@ -281,6 +282,6 @@ def pyfunc_log_kwargs(export_dir: str | Path) -> dict[str, Any]:
     task = task_for(loaded.model)
     # the folder is copied to artifacts/<its name>/; MLmodel's artifacts.export names that path
     return {"python_model": str(CODE_FILE), "artifacts": {EXPORT_ARTIFACT: str(Path(export_dir).resolve())},
-            "signature": signature_for(loaded.model, task), "model_config": {"task": task},
+            "signature": signature_for(loaded.model, task), "model_config": {TASK_KEY: task},
             "pip_requirements": pip_requirements(),
             "metadata": {"raygen_family": loaded.spec.model.family, "raygen_task": task}}

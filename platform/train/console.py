@@ -136,6 +136,11 @@ LIBRARY_LOGGERS = ("ray", "mlflow", "alembic", "deepspeed", "torch", "urllib3", 
 def library_logs_to(path: Path, verbose: bool) -> Iterator[None]:
     """Library log records and Python warnings go to `path`; to the console
     too when verbose. Restored on exit."""
+    import importlib
+
+    for module in ("ray", "mlflow"):  # they configure their loggers on import: import first, then reroute
+        with contextlib.suppress(ImportError):
+            importlib.import_module(module)
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from raygen.train.console import say
 from raygen.train.hooks import Hook
 
 
@@ -39,8 +40,8 @@ class FIDHook(Hook):
         if self.sink is not None:
             self.sink.set_tags({"fid.extractor": extractor.name, "fid.samples": str(self.spec.track.fid.samples)})
             self.sink.log_metrics({"fid_floor": self.floor}, trainer.state.step)
-        print(f"[raygen] FID real-vs-real floor {self.floor:.2f} ({self.evaluator.stats.n} train vs val images, "
-              f"{extractor.name})", flush=True)
+        say(f"FID real-vs-real floor {self.floor:.2f} ({self.evaluator.stats.n} train vs val images, "
+            f"{extractor.name})")  # rank 0's console line (raygen.train.console)
 
     def on_step_end(self, trainer, metrics):
         step = trainer.state.step
@@ -60,5 +61,5 @@ class FIDHook(Hook):
         metrics.update(values)
         if self.sink is not None:
             self.sink.log_metrics(values, step)
-        print(f"[raygen] step {step}: FID {result['fid']:.2f} (floor {self.floor:.2f}, KID {result['kid']:.4f}, "
-              f"{result['n_generated']} samples, {result['extractor']}, {took:.1f}s)", flush=True)
+        say(f"step {step}: FID {result['fid']:.2f} (floor {self.floor:.2f}, KID {result['kid']:.4f}, "
+            f"{result['n_generated']} samples, {result['extractor']}, {took:.1f}s)")

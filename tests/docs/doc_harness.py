@@ -43,7 +43,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 LANGS = {"bash": "shell", "sh": "shell", "shell": "shell", "console": "shell",
          "python": "python", "py": "python", "yaml": "yaml", "yml": "yaml", "json": "json"}
-DEFAULT_TIMEOUT = 300
+DEFAULT_TIMEOUT = 600  # per command: generous, for a loaded CI machine; it catches hangs, not slowness
 SHORTHAND_TARGETS = ("raygen train", "raygen tune")
 # Everything a doc's workspace sees of the checkout, as symlinks.
 WORKSPACE_LINKS = ("jobs", "serving", "bench", "docs", "platform", "tests", "cluster.yaml", "README.md",
