@@ -15,6 +15,7 @@ COMMAND_MODULES = (
     "raygen.jobs.cmd_tune",
     "raygen.jobs.cmd_eval",
     "raygen.jobs.cmd_sample",
+    "raygen.jobs.cmd_export",
     "raygen.jobs.cmd_metrics",
     "raygen.jobs.cmd_serve",
     "raygen.jobs.cmd_submit",
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _quiet_environment() -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # MLflow's download bars are chatter
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 

@@ -120,6 +120,17 @@ def test_same_bytes_whatever_the_worker_count_and_float16(ae, digits, tmp_path):
     assert torch.equal(load_split_latents(tmp_path / "f16", "train")["latent"], full.half().float())
 
 
+def test_data_show_summarises_a_latent_dataset(ae, digits, tmp_path, capfd):
+    from raygen.jobs.cli import main
+    encode_local(ae, digits, tmp_path / "lat", dtype="float16")
+    assert main(["data", "show", str(tmp_path / "lat"), "--verify"]) == 0
+    out = capfd.readouterr().out
+    assert "latents: 2x4x4 float16 per image (of 8x8x1), encoded by toy_ae" in out and "from digits" in out
+    assert "splits: train 200 (5 shard(s)" in out and "checksums: ok" in out
+    assert main(["data", "show", str(tmp_path / "lat"), "--grid", str(tmp_path / "g.png")]) == 2
+    assert "is a latent dataset: it holds no images to show" in capfd.readouterr().err
+
+
 def test_an_interrupted_encode_resumes_without_redoing_finished_shards(ae, digits, tmp_path):
     _, whole = encode_local(ae, digits, tmp_path / "whole")
     out = tmp_path / "lat"
@@ -285,3 +296,28 @@ def test_an_encode_stage_in_a_pipeline_spec(tmp_path, capfd):
         load_pipeline(encode_pipeline(tmp_path, {"model": "m", "data": "d"}), ["stages.latents.spec=ae.yaml"])
     with pytest.raises(SpecError, match="dtype"):
         load_pipeline(encode_pipeline(tmp_path, {"model": "m", "data": "d", "dtype": "float64"}))
+
+
+def test_undecodable_source_images_are_left_out_and_counted(ae, digits, tmp_path):
+    import shutil
+
+    import pyarrow as pa
+    src = tmp_path / "damaged"
+    shutil.copytree(digits, src)
+    shard = src / "train-00000.parquet"
+    t = pq.read_table(shard)
+    png = t.column("png").to_pylist()
+    png[50] = png[50][:30] + b"\0" * 20                      # record 50: a truncated PNG
+    pq.write_table(t.set_column(t.column_names.index("png"), "png", pa.array(png, pa.binary())), shard)
+    job, res = encode_local(ae, src, tmp_path / "lat")
+    assert res.finished
+    m = read_manifest(tmp_path / "lat")
+    assert m.splits["train"].rows == 199 and m.splits["train"].skipped == 1 and m.splits["val"].skipped == 0
+    assert [s.rows for s in m.splits["train"].shards] == [48, 47, 48, 48, 8]
+    assert [s.first_index for s in m.splits["train"].shards] == [0, 48, 95, 143, 191]
+    got = load_split_latents(tmp_path / "lat", "train")
+    assert got["index"].tolist() == [i for i in range(200) if i != 50]
+    clean = load_split_latents(encode_local(ae, digits, tmp_path / "clean")[1].out, "train")
+    keep = torch.tensor([i != 50 for i in range(200)])
+    assert torch.equal(got["latent"][:48], clean["latent"][:48])   # shards without the bad record: unchanged
+    assert torch.equal(got["label"], clean["label"][keep])

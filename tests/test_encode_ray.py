@@ -27,8 +27,7 @@ def digits(tmp_path_factory) -> Path:
     return out
 
 
-def test_encode_through_ray_train(ray_session, digits, tmp_path, capfd):
-    from raygen.data.pipeline import build_datasets, rank_shards
+def test_encode_stops_and_resumes_through_ray_train(ray_session, digits, tmp_path, capfd):
     from raygen.jobs.cli import main
     from raygen.train.encode import prepare_encode, run_encode, run_local
 
@@ -50,7 +49,13 @@ def test_encode_through_ray_train(ray_session, digits, tmp_path, capfd):
     assert "already encoded digits with toy_ae: train 200, val 22 latents of shape 2x4x4 float32 in 6 shard(s)" \
         in capfd.readouterr().out
 
-    # the Ray Data pipeline streams the latents back, each rank its share
+
+def test_ray_data_streams_latents_to_each_rank(ray_session, digits, tmp_path):
+    from raygen.data.pipeline import build_datasets, rank_shards
+    from raygen.train.encode import prepare_encode, run_local
+
+    ae = export_toy(tmp_path / "ae", "toy_ae", {"dataset": str(digits), "resolution": 8, "channels": 1})
+    run_local(prepare_encode(str(ae), str(digits), tmp_path / "lat", batch_size=BATCH, shard_rows=SHARD_ROWS))
     spec = DataSpec(dataset=str(tmp_path / "lat"), batch_size=10, shuffle_buffer=20, seed=1)
     every = load_split_latents(tmp_path / "lat", "train")
     ds = build_datasets(tmp_path / "lat", spec)

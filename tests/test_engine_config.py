@@ -111,3 +111,23 @@ def test_filter_evaluator_is_safe_and_checked():
         grid_points(spec(tune={"space": {"train.steps": {"choice": [1, 2]}}, "filter": "${train.steps} > 1"}).tune)
     with pytest.raises(SpecError, match="rejects every grid point"):
         grid_points(spec(tune={"space": {"train.steps": {"grid": [1, 2]}}, "filter": "${train.steps} > 5"}).tune)
+
+
+def test_worker_config_is_typed_and_round_trips_through_a_plain_dict(tmp_path):
+    """The driver hands Ray a plain dict; the worker parses it back into the typed config."""
+    from raygen.models.base import DataInfo
+    from raygen.train.worker import WorkerConfig
+
+    cfg = WorkerConfig(spec=spec(train={"steps": 7}), data_info=DataInfo(channels=1, resolution=8, num_classes=10),
+                       run_dir=tmp_path / "run", resume_from=tmp_path / "run" / "checkpoints" / "step-00000004",
+                       stop_after=5, threads_per_worker=2, family_sources=("/x/family.py",))
+    raw = cfg.to_dict()
+    assert json.loads(json.dumps(raw)) == raw  # nothing but plain values travel through Ray
+    back = WorkerConfig.from_dict(raw)
+    assert back == cfg and back.spec.train.steps == 7 and back.resume_from.name == "step-00000004"
+    with pytest.raises(ValueError, match=r"unknown keys \['resume'\]"):
+        WorkerConfig.from_dict({**raw, "resume": True})
+    with pytest.raises(ValueError, match=r"missing keys \['spec'\]"):
+        WorkerConfig.from_dict({k: v for k, v in raw.items() if k != "spec"})
+    with pytest.raises(Exception):
+        cfg.stop_after = 6  # frozen

@@ -55,6 +55,7 @@ def logged(tmp_path_factory):
     run = open_run(uri, "toy", "toy-run", spec=load_exported(export).spec)
     run.log_metrics({"loss": 1.5, "val_loss": 1.25}, step=6)  # last evaluated before the final step
     run.log_metrics({"loss": 1.0, "fid": 40.0, "kid": 0.02}, step=8)
+    run.log_metrics({"system/cpu_utilization_percentage": 50.0}, step=8)  # the 9th sample, not training step 8
     model_uri = log_and_register(uri, run.run_id, export, "toy", step=8, tags={"raygen.checkpoint": "step-00000008"})
     run.finish()
     return {"uri": uri, "run_id": run.run_id, "experiment_id": run.experiment_id, "model_uri": model_uri,
@@ -121,8 +122,8 @@ def test_one_logged_model_linked_to_its_run_metrics_and_version(logged):
     metrics = {m.key: (m.value, m.step) for m in model.metrics}
     assert metrics["fid"] == (40.0, 8) and metrics["kid"] == (0.02, 8) and metrics["loss"] == (1.0, 8)
     assert metrics["val_loss"] == (1.25, 6)  # the latest eval, though logged before the final step
+    assert set(metrics) == {"loss", "val_loss", "fid", "kid"}  # no system metric
     run = c.get_run(logged["run_id"])
-    assert run.data.params["raygen.task"] == "sample"  # MLflow logs the pyfunc's model_config as run params
     assert [(o.model_id, o.step) for o in run.outputs.model_outputs] == [(model.model_id, 8)]
     assert [m.step for m in c.get_metric_history(logged["run_id"], "val_loss")] == [6]  # linking adds no point
     # one artifact: the run holds no second copy, and the version points at the LoggedModel

@@ -20,6 +20,12 @@ def summarize(dir: str | Path, *, examples: int = 6, verify: bool = False) -> li
     m = read_manifest(dir, verify=verify)
     lines = [f"dataset: {m.name}  ({m.source})", f"folder: {m.path}  (schema v{m.schema_version})",
              f"images: {size_text(m.size)}, {m.channels} channel(s)"]
+    if m.kind == "latents":  # raygen.data.latents
+        enc, src = m.latents.encoder, m.latents.source
+        lines[-1] = (f"latents: {'x'.join(map(str, m.latents.shape))} {m.latents.dtype} per image "
+                     f"(of {size_text(m.size)}x{m.channels}), encoded by {enc.get('family')} {enc.get('uri')} "
+                     f"(digest {str(enc.get('digest'))[:12]}) from {src.get('name')} {src.get('path')} "
+                     f"(digest {str(src.get('digest'))[:12]})")
     parts = []
     for split, info in m.splits.items():
         size = sum(s.bytes for s in info.shards)
@@ -55,7 +61,7 @@ def summarize(dir: str | Path, *, examples: int = 6, verify: bool = False) -> li
                  "scalar": "scalar", "string": "string"}[col.kind]
         lines.append(f"extra column {name}: {shape}{fields}" + (f" - {col.description}" if col.description else ""))
     p = m.prepare
-    if p:
+    if p and m.kind == "images":
         lines.append(f"prepared with: seed {p.get('seed')}, count {p.get('count')}, "
                      f"val_fraction {p.get('val_fraction')}"
                      + (f", options {p['options']}" if p.get("options") else ""))
@@ -67,6 +73,10 @@ def write_grid(dir: str | Path, out: str | Path, *, n: int = 64, split: str = "t
     from raygen.data.local import iter_decoded
     from raygen.data.shards import atomic_write_bytes
     from raygen.images import grid, png_bytes
+    if read_manifest(dir).kind == "latents":
+        from raygen.data.errors import DataError
+        raise DataError(f"{dir} is a latent dataset: it holds no images to show; show its source dataset "
+                        "(see `raygen data show` of it without --grid)")
     images = []
     for cols in iter_decoded(dir, split, limit=n):
         images.append(cols["image"])

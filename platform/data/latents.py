@@ -450,8 +450,12 @@ def encode_share(encode, plan: EncodePlan, out: Path, split: str, *, rank: int, 
 
     def handle(task, batch) -> None:
         k, j, lo, hi = task
-        if batch is None:  # no rows came for it (cannot happen with a complete stream; kept safe)
-            batch = {"index": np.zeros(0, np.int64), "label": np.zeros(0, np.int64), "caption": np.zeros(0, object)}
+        got = batch["index"] if batch is not None else np.zeros(0, np.int64)
+        if len(got) != hi - lo or not np.array_equal(got, np.arange(lo, hi)):
+            # the decoder flags bad rows but never drops them: every source row must be here, in order
+            raise DataError(f"{split} rows [{lo}, {hi}) for {plan.shard_name(split, k)} batch {j}: the source "
+                            f"stream gave {len(got)} row(s) with other indices; the source dataset changed "
+                            "or is damaged (check it with `raygen data show --verify`)")
         status = batch.pop(STATUS, None)
         batch.pop(MESSAGE, None)
         if status is not None:  # undecodable images are left out (the shard's record counts them)

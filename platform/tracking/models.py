@@ -54,10 +54,11 @@ def log_model(tracking_uri: str, run_id: str, export_dir: str | Path, *, step: i
               eval_metrics: Iterable[str] = EVAL_METRICS, tags: dict[str, Any] | None = None):
     """Log `export_dir` as the run's MLflow Model: a LoggedModel in the run's
     experiment, with the run's params, linked to the run as its output at
-    `step`, and with the run's metrics at `step` plus the latest value of each
-    of `eval_metrics`. Returns the LoggedModel."""
+    `step`, and with the run's metrics at `step` (not the system metrics,
+    whose steps count samples) plus the latest value of each of
+    `eval_metrics`. Returns the LoggedModel."""
     import mlflow.pyfunc
-    from mlflow.entities import Metric
+    from mlflow.entities import LoggedModelOutput, Metric
     from mlflow.models import Model
 
     from raygen.tracking.pyfunc import pyfunc_log_kwargs
@@ -73,21 +74,24 @@ def log_model(tracking_uri: str, run_id: str, export_dir: str | Path, *, step: i
     with using_store(tracking_uri), warnings.catch_warnings():
         # the signature is given; an input example would make MLflow sample an image while logging
         warnings.filterwarnings("ignore", message=".*input example was not provided.*")
-        Model.log(None, name=MODEL_NAME, flavor=mlflow.pyfunc, run_id=run_id, model_id=logged.model_id, step=step,
-                  **kwargs)
-    # Model.log linked the metrics logged at `step`; an eval metric last logged at another
-    # step is linked at its latest value. Same key, value, step and timestamp: the run's
-    # history is unchanged, only the model gains the metric.
-    linked = {m.key for m in c.get_logged_model(logged.model_id).metrics or []}
-    extra = []
-    for key in eval_metrics:
-        if key in linked or key not in run.data.metrics:
+        # no run_id here: Model.log would link every metric at `step`, system metrics too, and
+        # log the model config as run params; the run and its metrics are linked below
+        Model.log(None, name=MODEL_NAME, flavor=mlflow.pyfunc, model_id=logged.model_id, **kwargs)
+    c.log_outputs(run_id, models=[LoggedModelOutput(logged.model_id, step=step)])
+    # Same key, value, step and timestamp as the run's own points: the run's history is
+    # unchanged, only the model gains the metrics.
+    links = []
+    for key in sorted(run.data.metrics):
+        if key.startswith("system/"):
             continue
-        last = max(c.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
-        extra.append(Metric(key, last.value, last.timestamp, last.step, model_id=logged.model_id,
-                            dataset_name=last.dataset_name, dataset_digest=last.dataset_digest, run_id=run_id))
-    if extra:
-        c.log_batch(run_id, metrics=extra)
+        history = c.get_metric_history(run_id, key)
+        chosen = [m for m in history if m.step == step]
+        if not chosen and key in eval_metrics:
+            chosen = [max(history, key=lambda m: (m.step, m.timestamp))]
+        links += [Metric(key, m.value, m.timestamp, m.step, model_id=logged.model_id, run_id=run_id,
+                         dataset_name=m.dataset_name, dataset_digest=m.dataset_digest) for m in chosen[-1:]]
+    for i in range(0, len(links), 900):
+        c.log_batch(run_id, metrics=links[i:i + 900])
     return c.get_logged_model(logged.model_id)
 
 

@@ -6,7 +6,7 @@ names `RaygenPyfunc`), and the export folder is the model's one artifact,
 `artifacts/export/` in the MLflow Model folder:
 
     MLmodel                 flavors.python_function: loader, artifacts.export,
-                            model_config["raygen.task"] (also a run param); the signature
+                            model_config["raygen.task"]; the signature
     pyfunc_model.py         the models-from-code file (copied in)
     artifacts/export/       the raygen export: raygen-model.json, weights.safetensors
                             (safetensors only), spec.yaml, data_info.json,
@@ -43,7 +43,7 @@ import mlflow.pyfunc
 from raygen.tracking.models import EXPORT_ARTIFACT
 
 CODE_FILE = Path(__file__).with_name("pyfunc_model.py")
-#: the model_config key naming the task (MLflow also logs it as a run param)
+#: the model_config key naming the task
 TASK_KEY = "raygen.task"
 TASKS = ("sample", "reconstruct", "score", "none")
 #: at most this many images (sample) or input rows per predict call

@@ -43,12 +43,18 @@ def say(message: str) -> None:
         print(f"{PREFIX} {message}", flush=True)
 
 
-def progress(step: int, total: int, fields: dict[str, float]) -> None:
-    """One progress event: step of total, with loss, lr, img/s, eta..."""
+def progress(step: int, total: int, fields: dict[str, float], log: bool = True) -> None:
+    """One progress event: step of total, with loss, lr, img/s, eta... A log
+    step's event becomes a line; the others only move a progress bar."""
     if _sink is not None:
-        _sink({"kind": "progress", "step": step, "total": total, **fields})
-    else:
+        _sink({"kind": "progress", "step": step, "total": total, "log": log, **fields})
+    elif log:
         print(f"{PREFIX} {format_progress(step, total, fields)}", flush=True)
+
+
+def bar_wanted() -> bool:
+    """Whether events between log steps have a progress bar to move (a driver follows them)."""
+    return isinstance(_sink, ProgressWriter)
 
 
 def format_progress(step: int, total: int, fields: dict[str, Any]) -> str:
@@ -103,20 +109,31 @@ def worker_console(run_dir: Path, rank: int, progress: bool) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def redirect_fds(path: Path, fds: tuple[int, ...] = (1, 2)) -> Iterator[None]:
+def redirect_fds(path: Path, fds: tuple[int, ...] = (1, 2), python_streams: bool = True) -> Iterator[None]:
     """Point file descriptors (stdout, stderr) at `path` (appended), so the
-    output of C++ code and of every Python handler ends up there too."""
+    output of C++ code and of every Python handler ends up there too; with
+    `python_streams`, sys.stdout / sys.stderr write there as well when
+    something had replaced them by streams of their own (not on fd 1 / 2)."""
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
     path.parent.mkdir(parents=True, exist_ok=True)
     target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     saved = {fd: os.dup(fd) for fd in fds}
+    streams = {1: "stdout", 2: "stderr"}
+    replaced = {}
     try:
         for fd in fds:
             os.dup2(target, fd)
+            if python_streams and fd in streams and not _writes_to(getattr(sys, streams[fd]), fd):
+                replaced[streams[fd]] = getattr(sys, streams[fd])
+                setattr(sys, streams[fd], os.fdopen(os.dup(fd), "w", buffering=1, errors="replace"))
         yield
     finally:
+        for name, original in replaced.items():
+            with contextlib.suppress(Exception):
+                getattr(sys, name).close()
+            setattr(sys, name, original)
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(Exception):
                 stream.flush()
@@ -124,6 +141,13 @@ def redirect_fds(path: Path, fds: tuple[int, ...] = (1, 2)) -> Iterator[None]:
             os.dup2(copy, fd)
             os.close(copy)
         os.close(target)
+
+
+def _writes_to(stream, fd: int) -> bool:
+    try:
+        return stream.fileno() == fd
+    except Exception:  # a stream of its own (pytest's capture, a notebook)
+        return False
 
 
 # ---------------------------------------------------------------- the driver side
@@ -174,7 +198,7 @@ def stderr_to(path: Path, enabled: bool = True) -> Iterator[None]:
     keep = sys.stderr
     sys.stderr = os.fdopen(os.dup(console), "w", buffering=1)
     try:
-        with redirect_fds(path, fds=(2,)):
+        with redirect_fds(path, fds=(2,), python_streams=False):
             yield
     finally:
         sys.stderr.close()
@@ -249,10 +273,10 @@ class ConsoleFollower:
             self._write(f"{PREFIX} {event.get('text', '')}")
         elif event.get("kind") == "progress":
             step, total = int(event["step"]), int(event.get("total") or self.total)
-            fields = {k: v for k, v in event.items() if k not in ("kind", "step", "total", "time")}
+            fields = {k: v for k, v in event.items() if k not in ("kind", "step", "total", "time", "log")}
             if self.tty:
                 self._update_bar(step, total, fields)
-            else:
+            elif event.get("log", True):  # one line per log step
                 self._write(f"{PREFIX} {format_progress(step, total, fields)}")
 
     def _update_bar(self, step: int, total: int, fields: dict[str, Any]) -> None:

@@ -110,26 +110,32 @@ class EMAHook(Hook):
 
 
 class ProgressHook(Hook):
-    """One progress event every `every` steps from rank 0 (a line, or a bar on
-    the driver's TTY: see raygen.train.console), and one line per eval."""
+    """Progress from rank 0: a line every `every` steps (the log steps), and
+    between them, at most every `bar_interval_s`, an update for the driver's
+    progress bar when its console is a terminal (see raygen.train.console);
+    one line per eval."""
 
-    def __init__(self, every: int, total: int, enabled: bool = True):
-        self.every, self.total, self.enabled = every, total, enabled
+    def __init__(self, every: int, total: int, enabled: bool = True, bar_interval_s: float = 0.5):
+        self.every, self.total, self.enabled, self.bar_interval_s = every, total, enabled, bar_interval_s
         self.start = None
+        self.last_sent = 0.0
 
     def on_train_start(self, trainer):
         self.start = time.perf_counter()
 
     def on_step_end(self, trainer, metrics):
-        step = trainer.state.step
-        if not self.enabled or trainer.rank != 0 or (step % self.every and step != self.total):
+        if not self.enabled or trainer.rank != 0:
             return
-        elapsed = time.perf_counter() - self.start
-        eta = elapsed / max(1, step - trainer.start_step) * (self.total - step)
+        step, now = trainer.state.step, time.perf_counter()
+        log_step = step % self.every == 0 or step == self.total
+        if not log_step and (not console.bar_wanted() or now - self.last_sent < self.bar_interval_s):
+            return
+        self.last_sent = now
+        eta = (now - self.start) / max(1, step - trainer.start_step) * (self.total - step)
         fields = {"loss": metrics.get("loss"), "lr": metrics.get("lr")}
         fields.update({k: v for k, v in metrics.items() if k.startswith("fit_")})  # gradient-free families
         fields.update({"images_per_s": metrics.get("images_per_s", 0.0), "eta_s": eta})
-        console.progress(step, self.total, fields)
+        console.progress(step, self.total, fields, log=log_step)
 
     def on_eval(self, trainer, metrics):
         shown = " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("val_"))

@@ -117,7 +117,7 @@ class Trainer:
     def setup(self, resume_from: Path | None) -> None:
         from raygen.train.optim import build_optimizer, build_scheduler
 
-        keys = [h.key for h in self.hooks]
+        keys = [h.key for h in self.hooks if type(h).state_dict is not Hook.state_dict]  # hooks that keep state
         twice = sorted({k for k in keys if keys.count(k) > 1})
         if twice:  # their state files would overwrite each other
             raise ValueError(f"two hooks share the state key {twice[0]!r}: give one a distinct `state_key`")
