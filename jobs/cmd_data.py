@@ -63,6 +63,9 @@ def register(sub) -> None:
     en.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="how latents are stored")
     en.add_argument("--shard-rows", type=int, help="rows per output shard (default: about 8 shards per split, "
                                                    "at most 32 MiB each)")
+    en.add_argument("--threads", type=int, default=1,
+                    help="CPU threads per encoder call, the same on every worker (default 1; part of the output: "
+                         "another count may round differently)")
     en.add_argument("--data-root", metavar="DIR", help="where a built-in DATA is prepared (default: the model's)")
     en.add_argument("--count", type=int, help="training images of a built-in DATA (default: the model's)")
     en.add_argument("--gpu", action="store_true", help="encode on one GPU per worker")
@@ -130,7 +133,8 @@ def encode(args: argparse.Namespace) -> int:
     from raygen.train.runner import TrainingFailed
     try:
         result = run_encode(args.model, args.data, args.out, workers=args.workers, batch_size=args.batch_size,
-                            dtype=args.dtype, shard_rows=args.shard_rows, data_root=args.data_root,
+                            dtype=args.dtype, shard_rows=args.shard_rows, threads=args.threads,
+                            data_root=args.data_root,
                             count=args.count, use_gpu=args.gpu, address=args.address,
                             tracking_uri=args.tracking_uri, stop_after_batches=args.stop_after_batches,
                             progress=not os.environ.get("RAYGEN_NO_PROGRESS"), verbose=args.verbose)

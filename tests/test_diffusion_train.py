@@ -72,3 +72,25 @@ def test_diffusion_shapes_t2i_trains(ray_session, workdir, capsys):
     model = load_generator(str(workdir / "runs" / "diffusion-shapes-t2i")).model
     images = model.generate(2, condition="a red circle", guidance_scale=3.0, num_inference_steps=3)
     assert images.shape == (2, 3, 16, 16)
+
+
+@pytest.mark.skipif(not FASHION.is_dir(), reason="needs the dataset-fashion-mnist Debian package (make dataset)")
+def test_diffusion_latent_pipeline_trains_vae_then_diffusion(ray_session, workdir, capsys):
+    common = {"data.count": 600, "data.batch_size": 16, "train.steps": 4, "train.eval_every": 2,
+              "train.checkpoint_every": 2, "train.val_batches": 1, "train.grid_samples": 4}
+    stage = {"vae": {**common, "model.options.widths": "[8, 16]", "model.options.norm_groups": 4},
+             "diffusion": {**common, "model.options.unet.widths": "[8, 16]", "model.options.unet.head_dim": 8,
+                           "model.options.unet.norm_groups": 4, "model.options.sampling.num_inference_steps": 3,
+                           "track.fid.enabled": "false"}}
+    sets = [f"stages.{name}.set.{key}={value}" for name, values in stage.items() for key, value in values.items()]
+    code = main(["train", str(REPO / "jobs/specs/diffusion_latent.yaml"), *[a for s in sets for a in ("--set", s)]])
+    out = capsys.readouterr().out
+    assert code == 0, out
+
+    from raygen.exports import load_generator
+    loaded = load_generator(str(workdir / "runs" / "diffusion-latent" / "diffusion"))
+    model = loaded.model
+    assert model.latent and model.components["vae"].family == "vae" and model.x_shape == (4, 8, 8)
+    assert model.components["vae"].latent_stats[0] > 0  # the VAE stage measured its latent scale
+    images = model.generate(2, condition="bag", num_inference_steps=3)
+    assert images.shape == (2, 1, 16, 16) and torch.isfinite(images).all()

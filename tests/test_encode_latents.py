@@ -93,10 +93,15 @@ def test_latents_equal_model_encode_and_carry_the_source_columns(ae, digits, tmp
         assert "image" not in got and got["latent"].shape == (src.counts[split], 2, 4, 4)
         assert torch.equal(got["index"], src_rows["index"]) and torch.equal(got["label"], src_rows["label"])
         assert got["caption"] == src_rows["caption"]
-        with torch.no_grad():  # the job's batches: the plan's, [lo, lo + 16) within each shard of 48
-            expected = torch.cat([model.encode(src_rows["image"][i:i + BATCH])
-                                  for i in range(0, src.counts[split], BATCH)])
-            whole = model.encode(src_rows["image"])
+        threads = torch.get_num_threads()
+        torch.set_num_threads(job.plan.threads)  # the plan's (1): small batches may round otherwise with more
+        try:
+            with torch.no_grad():  # the job's batches: the plan's, [lo, lo + 16) within each shard of 48
+                expected = torch.cat([model.encode(src_rows["image"][i:i + BATCH])
+                                      for i in range(0, src.counts[split], BATCH)])
+                whole = model.encode(src_rows["image"])
+        finally:
+            torch.set_num_threads(threads)
         assert torch.equal(got["latent"], expected)
         torch.testing.assert_close(got["latent"], whole)
     # the local loader reads a latent dataset too

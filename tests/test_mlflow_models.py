@@ -179,3 +179,16 @@ def test_a_model_that_can_do_none_of_it_says_so(tmp_path):
     with pytest.raises(MlflowException, match="family 'toy_ae' has no pyfunc predict: it can encode and decode "
                                               "images, train by gradient descent"):
         pyfunc.predict(None, {"n": 1})
+
+
+def test_a_model_logged_before_mlflow_models_still_registers_and_loads(logged, tmp_path):
+    # a run whose `model` is a plain run artifact holding the export (raygen before MLflow Models)
+    from raygen.tracking.models import register
+    run = open_run(logged["uri"], "legacy", "legacy-run")
+    client(logged["uri"]).log_artifacts(run.run_id, str(logged["export"]), "model")
+    assert run_model_id(logged["uri"], run.run_id) is None
+    assert register(logged["uri"], run.run_id, "legacy") == "models:/legacy/1"
+    assert client(logged["uri"]).get_model_version("legacy", "1").source == f"runs:/{run.run_id}/model"
+    for uri in ("models:/legacy/1", f"runs:/{run.run_id}/model"):
+        loaded = load_generator(uri, logged["uri"])
+        assert loaded.meta["step"] == 8 and loaded.spec.model.family == "seqimg"

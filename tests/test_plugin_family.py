@@ -106,6 +106,7 @@ def test_plugin_model_learns_and_samples_per_image(tmp_path):
 
 # ------------------------------------------------------------------ installed, then used through raygen only
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # six raygen processes, two of them start Ray: minutes when the 2 cores are shared
 def test_installed_plugin_is_listed_trained_sampled_and_served(installed, tmp_path):
     import httpx
     from PIL import Image
@@ -128,15 +129,13 @@ name: plugin
 run_dir: {tmp_path / 'runs'}
 data: {{dataset: digits, root: {tmp_path / 'data'}, resolution: 8, channels: 1, count: 300, batch_size: 16}}
 model: {{family: {FAMILY}, options: {{conditioning: label, latent: 4, width: 8}}}}
-train: {{steps: 6, eval_every: 3, checkpoint_every: 6, val_batches: 1, grid_samples: 4, log_every: 1,
+train: {{steps: 4, eval_every: 2, checkpoint_every: 4, val_batches: 1, grid_samples: 4, log_every: 1,
          optimizer: {{lr: 3.0e-3}}, ema: {{enabled: false}}}}
 scale: {{workers: 2, strategy: ddp}}
 track: {{experiment: plugin, fid: {{enabled: false}}}}
 """)
     ok = raygen(env, tmp_path, "spec", "validate", spec)
-    assert ok.returncode == 0, ok.stderr
-    bad = raygen(env, tmp_path, "spec", "validate", spec, "--set", "model.options.latent=0")
-    assert bad.returncode == 2 and "model.options.latent" in bad.stderr, bad.stderr
+    assert ok.returncode == 0 and f"({FAMILY} model, 2 worker(s)" in ok.stdout, ok.stdout + ok.stderr
 
     trained = raygen(env, tmp_path, "train", spec)
     assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]

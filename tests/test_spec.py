@@ -82,8 +82,13 @@ def test_overrides_parse_yaml_scalars():
 def test_example_specs_validate():
     specs = sorted((REPO / "jobs" / "specs").glob("*.yaml"))
     assert specs
+    from raygen.spec.loader import read_spec_file
+    from raygen.spec.pipeline import is_pipeline, load_pipeline, validate_pipeline
     for path in specs:
-        load_spec(path)
+        if is_pipeline(read_spec_file(path)):  # a pipeline: every stage validates as a job spec
+            validate_pipeline(*load_pipeline(path))
+        else:
+            load_spec(path)
 
 
 def test_cli_validate_show_schema(tmp_path, capsys):

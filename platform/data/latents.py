@@ -139,8 +139,9 @@ def dataset_digest(manifest: Manifest) -> str:
 class EncodePlan:
     """What an encode job writes, fixed before it starts. `splits` maps a
     split to its output shards, each a [lo, hi) range of source rows encoded
-    in batches of `batch_size`; `image` is the (height, width, channels)
-    the images are decoded to; `encoder` and `source` go to the manifest."""
+    in batches of `batch_size` with `threads` CPU threads; `image` is the
+    (height, width, channels) the images are decoded to; `encoder` and
+    `source` go to the manifest."""
     encoder: dict[str, Any]
     source: dict[str, Any]
     image: dict[str, int]
@@ -148,12 +149,15 @@ class EncodePlan:
     dtype: str
     batch_size: int
     splits: dict[str, list[list[int]]]
+    #: CPU threads of every encoder call: on CPU a kernel may round differently with another
+    #: thread count, so it is fixed by the plan, not by how many CPUs a worker has
+    threads: int = 1
 
     def key(self) -> dict[str, Any]:
         """What determines the output bytes (not where the model or data lie)."""
         return {"encoder_digest": self.encoder["digest"], "source_digest": self.source["digest"],
                 "image": self.image, "shape": list(self.shape), "dtype": self.dtype,
-                "batch_size": self.batch_size, "splits": self.splits}
+                "batch_size": self.batch_size, "splits": self.splits, "threads": self.threads}
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2) + "\n"

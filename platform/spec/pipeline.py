@@ -46,6 +46,7 @@ class EncodeStageSpec(BaseModel):
     workers: int = Field(1, ge=1, description="Ray Train workers")
     use_gpu: bool = False
     shard_rows: int | None = Field(None, ge=1, description="rows per output shard (default: about 8 shards per split)")
+    threads: int = Field(1, ge=1, description="CPU threads per encoder call, the same on every worker")
     count: int | None = Field(None, gt=0, description="training images of a built-in dataset (default: the model's)")
 
 

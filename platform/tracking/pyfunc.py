@@ -60,21 +60,28 @@ def task_for(model) -> str:
 
 
 # ---------------------------------------------------------------- signature
-def _param_specs(params_cls) -> list:
-    """The family's sampling parameters as MLflow params (scalars only; each with its default)."""
+def _scalar_kind(annotation) -> str | None:
+    """The MLflow param type of a scalar annotation (Optional and Literal unwrapped), else None."""
+    import types
     import typing
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        kinds = {_scalar_kind(a) for a in args if a is not type(None)}
+        return kinds.pop() if len(kinds) == 1 else None
+    if typing.get_origin(annotation) is typing.Literal:
+        return "string" if all(isinstance(a, str) for a in args) else None
+    return {bool: "boolean", int: "long", float: "double", str: "string"}.get(annotation)
 
+
+def _param_specs(params_cls) -> list:
+    """The family's sampling parameters as MLflow params, each with its default (None: the
+    model's own default). A field that is not a scalar is left out: its default is used."""
     from mlflow.types.schema import ParamSpec
     out = []
     for name, info in params_cls.model_fields.items():
-        ann, default = info.annotation, info.get_default(call_default_factory=True)
-        if typing.get_origin(ann) is typing.Literal:
-            kind = "string" if all(isinstance(a, str) for a in typing.get_args(ann)) else None
-        else:
-            kind = {bool: "boolean", int: "long", float: "double", str: "string"}.get(ann)
-        if kind is None or default is None:
-            continue  # not a scalar MLflow can carry: the family default is used
-        out.append(ParamSpec(name, kind, default))
+        kind = _scalar_kind(info.annotation)
+        if kind is not None:
+            out.append(ParamSpec(name, kind, info.get_default(call_default_factory=True)))
     return out
 
 
@@ -180,7 +187,8 @@ class RaygenPyfunc(mlflow.pyfunc.PythonModel):
 
         field = get_kind(self.model.condition_kind).field
         try:
-            sampling = parse_params(self.model.sampling_params, dict(params), strict=False)
+            given = {k: v for k, v in params.items() if v is not None}  # None: the model's default
+            sampling = parse_params(self.model.sampling_params, given, strict=False)
         except SamplingParamsError as err:
             raise _bad(f"params.{err.field}: {err.message}" if err.field else err.message) from None
         requests = []
@@ -262,12 +270,11 @@ def pip_requirements() -> list[str]:
 
 def save_pyfunc(export_dir: str | Path, path: str | Path, **kwargs) -> Path:
     """Write the MLflow Model of an export folder to a local `path` (no tracking store)."""
-    loaded = _load(export_dir)
-    task = task_for(loaded.model)
-    mlflow.pyfunc.save_model(path=str(path), python_model=str(CODE_FILE),
-                             artifacts={EXPORT_ARTIFACT: str(Path(export_dir).resolve())},
-                             signature=signature_for(loaded.model, task), model_config={TASK_KEY: task},
-                             pip_requirements=pip_requirements(), **kwargs)
+    import warnings
+    kwargs = {**pyfunc_log_kwargs(export_dir), **kwargs}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*input example was not provided.*")  # the signature is given
+        mlflow.pyfunc.save_model(path=str(path), **kwargs)
     return Path(path)
 
 

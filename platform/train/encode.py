@@ -104,8 +104,8 @@ def _data_spec(loaded, data: str, *, batch_size: int, data_root: str | None, cou
 
 
 def prepare_encode(model: str, data: str, out: str | Path, *, batch_size: int = 64, dtype: str = "float32",
-                   shard_rows: int | None = None, data_root: str | None = None, count: int | None = None,
-                   tracking_uri: str | None = None) -> EncodeJob:
+                   shard_rows: int | None = None, threads: int = 1, data_root: str | None = None,
+                   count: int | None = None, tracking_uri: str | None = None) -> EncodeJob:
     """Load and check the encoder, find (or prepare) the data, fix the plan,
     and get `out` ready (see raygen.data.latents.start_output)."""
     import torch
@@ -119,6 +119,8 @@ def prepare_encode(model: str, data: str, out: str | Path, *, batch_size: int = 
         raise DataError(f"dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
     if batch_size < 1:
         raise DataError(f"batch_size: {batch_size} must be at least 1")
+    if threads < 1:
+        raise DataError(f"threads: {threads} must be at least 1")
     export = locate_export(model, tracking_uri).resolve()
     loaded = load_exported(export)
     loaded.model.model_name = model  # so a CapabilityError names the model as the user gave it
@@ -138,7 +140,7 @@ def prepare_encode(model: str, data: str, out: str | Path, *, batch_size: int = 
                  "digest": export_digest(export)},
         source={"path": str(data_dir), "name": source.name, "digest": dataset_digest(source)},
         image={"height": info.height, "width": info.width, "channels": info.channels},
-        shape=shape, dtype=dtype, batch_size=batch_size,
+        shape=shape, dtype=dtype, batch_size=batch_size, threads=threads,
         splits={split: plan_ranges(s.rows, batch_size, row_bytes, shard_rows=shard_rows)
                 for split, s in source.splits.items()})
     out = Path(out).expanduser().resolve()
@@ -166,11 +168,16 @@ def run_local(job: EncodeJob, *, world_size: int = 1, stop_after_batches: int | 
     params = _params(job)
     recipes = {split: make_recipe(job.source, split, params) for split, r in job.plan.splits.items() if r}
     batches = 0
-    for rank in ranks if ranks is not None else range(world_size):
-        share = encode_rank(encode, job.plan, job.out, lambda split: local_rows(recipes[split]),
-                            dict(job.source.extra_columns), rank=rank, world_size=world_size,
-                            stop_after=stop_after_batches)
-        batches += share.batches
+    threads = torch.get_num_threads()
+    torch.set_num_threads(job.plan.threads)  # as the workers do
+    try:
+        for rank in ranks if ranks is not None else range(world_size):
+            share = encode_rank(encode, job.plan, job.out, lambda split: local_rows(recipes[split]),
+                                dict(job.source.extra_columns), rank=rank, world_size=world_size,
+                                stop_after=stop_after_batches)
+            batches += share.batches
+    finally:
+        torch.set_num_threads(threads)
     return _finish(job, batches, started)
 
 
@@ -205,7 +212,7 @@ def progress_counts_complete(plan: EncodePlan) -> dict[str, int]:
 
 
 def run_encode(model: str, data: str, out: str | Path, *, workers: int = 1, batch_size: int = 64,
-               dtype: str = "float32", shard_rows: int | None = None, data_root: str | None = None,
+               dtype: str = "float32", shard_rows: int | None = None, threads: int = 1, data_root: str | None = None,
                count: int | None = None, use_gpu: bool = False, cpus_per_worker: float | None = None,
                max_failures: int = 0, address: str | None = None, tracking_uri: str | None = None,
                experiment: str = "raygen", run_name: str | None = None, parent_run_id: str | None = None,
@@ -221,7 +228,7 @@ def run_encode(model: str, data: str, out: str | Path, *, workers: int = 1, batc
     if workers < 1:
         raise DataError(f"workers: {workers} must be at least 1")
     job = prepare_encode(model, data, out, batch_size=batch_size, dtype=dtype, shard_rows=shard_rows,
-                         data_root=data_root, count=count, tracking_uri=tracking_uri)
+                         threads=threads, data_root=data_root, count=count, tracking_uri=tracking_uri)
     tracked = _open_tracking(job, tracking_uri, experiment, run_name, parent_run_id, workers)
     if job.state == "complete":
         if progress:
@@ -258,6 +265,8 @@ def _run_ray(job: EncodeJob, *, workers: int, use_gpu: bool, cpus_per_worker: fl
     with stderr_to(folder / RUN_LOG, enabled=not verbose):
         resources = ensure_ray(address, quiet=not verbose)
     quiet_data_progress()
+    if cpus_per_worker is None:  # what an encoder call uses (the plan's threads), if the cluster has room
+        cpus_per_worker = min(float(job.plan.threads), max(0.05, (resources.get("CPU", 1) - 1.0) / workers))
     cpus = worker_cpus(cpus_per_worker, workers, resources.get("CPU", 1))
     if use_gpu and resources.get("GPU", 0) < workers:
         raise SpecError([f"use_gpu: the cluster has {resources.get('GPU', 0):g} GPUs for {workers} workers; "
@@ -277,8 +286,7 @@ def _run_ray(job: EncodeJob, *, workers: int, use_gpu: bool, cpus_per_worker: fl
     trainer = TorchTrainer(
         encode_worker,
         train_loop_config=EncodeWorkerConfig(
-            out=job.out, export=job.export, use_gpu=use_gpu, threads_per_worker=max(1, int(cpus)),
-            stop_after_batches=stop_after_batches, progress=progress,
+            out=job.out, export=job.export, use_gpu=use_gpu, stop_after_batches=stop_after_batches, progress=progress,
             family_sources=tuple(job.family_sources)).to_dict(),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus}),
         run_config=RunConfig(name=f"encode-{int(time.time() * 1000)}", storage_path=str(folder / "ray"),
@@ -292,7 +300,11 @@ def _run_ray(job: EncodeJob, *, workers: int, use_gpu: bool, cpus_per_worker: fl
     except Exception as err:
         if tracked is not None:
             tracked.finish("FAILED")
-        raise TrainingFailed(f"{_root_cause(err)} (log: {folder / RUN_LOG})") from err
+        cause = _root_cause(err)
+        if cause.endswith(":"):  # "Training failed due to controller error:" and the reason on the next line
+            rest = [line for line in str(err).splitlines() if line.strip() and line.strip() not in cause]
+            cause = f"{cause} {rest[0].strip()}" if rest else cause
+        raise TrainingFailed(f"{cause} (log: {folder / RUN_LOG}; run the same command again to resume)") from err
     after = progress_counts(job.out, job.plan)
     return _finish(job, after["batches_done"] - before["batches_done"], started)
 

@@ -30,7 +30,6 @@ class EncodeWorkerConfig:
     out: Path                       # the output folder (its .encode/ holds the plan)
     export: Path                    # the encoder's local export folder
     use_gpu: bool = False
-    threads_per_worker: int = 1
     stop_after_batches: int | None = None   # debug: each worker stops after this many batches
     progress: bool = True
     family_sources: tuple[str, ...] = ()
@@ -151,10 +150,10 @@ def _encode(config: EncodeWorkerConfig, ctx, rank: int, world: int) -> None:
     device = torch.device(f"cuda:{ctx.get_local_rank()}") if use_cuda else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    torch.set_num_threads(max(1, config.threads_per_worker))
+    plan = read_plan(config.out)
+    torch.set_num_threads(plan.threads)  # the plan's, whatever this worker's CPUs: the same bytes for any worker count
     model = load_exported(config.export).model.to(device).eval()
     require(model, Capability.ENCODE)
-    plan = read_plan(config.out)
     source = read_manifest(plan.source["path"])
     shards = {split: ray.train.get_dataset_shard(split) for split, ranges in plan.splits.items() if ranges}
 

@@ -123,7 +123,8 @@ def _encode_stage(pipeline: PipelineSpec, name: str, i: int, done: dict, state: 
     log(f"[raygen] stage {i}/{total} {name}: encode {enc.data} with {enc.model}" + (" (resuming)" if resume else ""))
     try:
         out = run_encode(enc.model, enc.data, out_dir, workers=enc.workers, batch_size=enc.batch_size,
-                         dtype=enc.dtype, shard_rows=enc.shard_rows, count=enc.count, use_gpu=enc.use_gpu,
+                         dtype=enc.dtype, shard_rows=enc.shard_rows, threads=enc.threads, count=enc.count,
+                         use_gpu=enc.use_gpu,
                          address=address, tracking_uri=tracking_uri, run_name=name, parent_run_id=parent,
                          progress=progress)
     except CapabilityError as err:

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from raygen.spec.errors import SpecError
-from raygen.spec.loader import spec_to_dict
 from raygen.spec.schema import JobSpec
 from raygen.train.checkpoint import find_latest_checkpoint
 from raygen.train.console import RUN_LOG, ConsoleFollower, library_logs_to, stderr_to
