@@ -84,7 +84,7 @@ def test_pipeline_trains_then_encodes_and_skips_when_rerun(ray_session, tmp_path
     raw = {"name": "cascade", "run_dir": str(tmp_path / "runs"),
            "stages": {"ae": {"spec": {**stage, "model": {"family": "toy_ae"}}},
                       "latents": {"encode": {"model": "${stages.ae.model}", "data": "digits", "batch_size": 32,
-                                             "dtype": "float16", "workers": 2}}}}
+                                             "dtype": "float16", "workers": 1}}}}
     path = tmp_path / "pipeline.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     first = run_pipeline(*load_pipeline(path), progress=False, log=lambda *_: None)

@@ -7,6 +7,7 @@ mlflow.models.get_model_info); no Ray, no server."""
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import mlflow
@@ -129,6 +130,7 @@ def test_one_logged_model_linked_to_its_run_metrics_and_version(logged):
     # one artifact: the run holds no second copy, and the version points at the LoggedModel
     assert "model" not in {a.path for a in c.list_artifacts(logged["run_id"])}
     assert c.get_model_version("toy", "1").source == f"models:/{model.model_id}"
+    assert [(v["name"], str(v["version"])) for v in json.loads(model.tags["mlflow.modelVersions"])] == [("toy", "1")]
     assert run_model_id(logged["uri"], logged["run_id"]) == model.model_id
 
 

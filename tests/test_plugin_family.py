@@ -106,7 +106,7 @@ def test_plugin_model_learns_and_samples_per_image(tmp_path):
 
 # ------------------------------------------------------------------ installed, then used through raygen only
 @pytest.mark.slow
-@pytest.mark.timeout(900)  # six raygen processes, two of them start Ray: minutes when the 2 cores are shared
+@pytest.mark.timeout(900)  # five processes, two of which start Ray: several minutes when the 2 cores are shared
 def test_installed_plugin_is_listed_trained_sampled_and_served(installed, tmp_path):
     import httpx
     from PIL import Image
@@ -158,7 +158,7 @@ track: {{experiment: plugin, fid: {{enabled: false}}}}
                                  "--port", str(port), "--replica-cpus", "0.2"],
                                 stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
     try:
-        deadline = time.monotonic() + 150
+        deadline = time.monotonic() + 300
         while "Press Ctrl-C" not in log.read_text():
             assert proc.poll() is None, log.read_text()[-4000:]
             assert time.monotonic() < deadline, "raygen serve did not come up:\n" + log.read_text()[-4000:]
@@ -190,5 +190,5 @@ def test_installed_plugin_passes_the_conformance_suite(installed):
     done = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "tests/families",
                            "-k", FAMILY], capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
-    flavors = [line for line in done.stdout.splitlines() if "passed" in line]
-    assert flavors and int(flavors[-1].split(" passed")[0].split()[-1]) >= 10, done.stdout[-2000:]
+    summary = [line for line in done.stdout.splitlines() if " passed" in line]
+    assert summary and int(summary[-1].split(" passed")[0].split()[-1]) >= 10, done.stdout[-2000:]  # 2 flavors

@@ -42,6 +42,7 @@ def wait_healthy(proc: subprocess.Popen, url: str, log, timeout: float = 150.0) 
     pytest.fail(f"raygen serve did not become healthy in {timeout} s:\n{log.read_text()[-4000:]}")
 
 
+@pytest.mark.timeout(600)  # two models and their replicas start on a loaded 2-core machine
 def test_cli_serves_and_stops_on_sigterm(tmp_path):
     model = toy.export_toy(tmp_path / "model", name="cli-toy", resolution=8, channels=1, num_classes=2,
                            class_names=["on", "off"], conditioning="label", run_id="cli-run")
@@ -60,7 +61,7 @@ def test_cli_serves_and_stops_on_sigterm(tmp_path):
              "--set", "serve.request_timeout_s=2"],
             stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
     try:
-        wait_healthy(proc, url, log)
+        wait_healthy(proc, url, log, timeout=300.0)
         printed = log.read_text()
         assert f"at {url}" in printed and "cli-toy: servetoy, 8x8x1, 2 classes, run cli-run" in printed
         assert "2 model(s)" in printed and "second: servetoy, 8x8x1, unconditional" in printed

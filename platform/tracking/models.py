@@ -10,6 +10,7 @@ so MLflow (`mlflow.pyfunc.load_model`, `mlflow models serve`) and raygen
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 import warnings
@@ -129,6 +130,11 @@ def register(tracking_uri: str, run_id: str, name: str, *, model_id: str | None 
     else:
         with using_store(tracking_uri):  # the registry resolves models:/MODEL_ID through the fluent store
             version = c.create_model_version(name, source=f"models:/{model_id}", run_id=run_id, model_id=model_id)
+        # as mlflow.register_model does: the LoggedModel lists its versions (the UI's "Registered models")
+        from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+        listed = json.loads(c.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS) or "[]")
+        listed.append({"name": name, "version": version.version})
+        c.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(listed)})
     return f"models:/{name}/{version.version}"
 
 

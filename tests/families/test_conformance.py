@@ -46,7 +46,8 @@ def test_export_load_round_trip_gives_equal_weights(flavor, tmp_path):
     components = {}
     for name, component in flavor.components.items():  # a component is exported first, like an earlier run
         comp_spec = parse_spec({"model": {"family": component.family, "options": {}}})
-        components[name] = str(export_generator(tmp_path / name, component.state_dict(), comp_spec, info))
+        components[name] = str(export_generator(tmp_path / name, component.state_dict(), comp_spec,
+                                                component.data_info))
     spec = parse_spec({"model": {"family": fam.name, "options": config.model_dump(mode="json"),
                                  "components": components}})
     export_generator(tmp_path / "model", model.state_dict(), spec, info, {"step": 0})

@@ -28,7 +28,10 @@ def debug_flavors():
     torch.manual_seed(0)
     # the conformance suite re-exports a component with its default options, so the VAE keeps them
     vae = build_model("vae", {}, classes)
+    base = build_model("diffusion", {}, DataInfo(channels=1, resolution=8))  # default options, as for the vae
     return {
+        "sr-8to16": (DiffusionConfig.debug(super_resolution={"factor": 2, "noise_aug_max": 30, "sample_aug_level": 10}),
+                     DataInfo(channels=1, resolution=16), {"base": base}),
         "latent-label-vae": (DiffusionConfig.debug(conditioning="label", unet={"attention": "cross", "widths": [8, 8]}),
                              classes, {"vae": vae}),
         "uncond-self": (DiffusionConfig.debug(unet={"attention": "self"}), DataInfo(channels=1, resolution=8)),
@@ -52,11 +55,11 @@ FAMILY = register_family(Family(
     capabilities=DiffusionModel.capabilities,
     sampling_params=DiffusionSampling,
     conditions=("none", "label", "caption"),
-    components={"vae": Capability.ENCODE},
+    components={"vae": Capability.ENCODE, "base": Capability.SAMPLE},
     debug=debug_flavors,
     description="denoising diffusion on a diffusers UNet: self/cross/no attention, label or caption conditioning, "
                 f"classifier-free guidance, samplers {', '.join(SAMPLERS)} chosen per request, latent diffusion "
-                "on a frozen VAE",
+                "on a frozen VAE, super-resolution stages over a frozen base",
 ))
 
 __all__ = ["DiffusionConfig", "DiffusionModel", "DiffusionSampling", "FAMILY", "NoiseOptions", "SamplingDefaults",

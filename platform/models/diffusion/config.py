@@ -34,7 +34,7 @@ class UNetOptions(BaseModel):
                                           "each level but the last halves the resolution")
     layers_per_block: int = Field(2, ge=1, le=8, description="ResNet layers per down block (up blocks get one more)")
     attention: AttentionKind = Field(
-        "cross", description="self_cross: self- then cross-attention (the seed's run 2, alias 'xa'); "
+        "self", description="default: cross when the model is conditioned, else self. self_cross: self- then cross-attention (the seed's run 2, alias 'xa'); "
                              "cross: cross-attention only (the seed's best run 'jxa'); self: self-attention only; "
                              "none: plain ResNet blocks, the condition added to the timestep embedding (run 1)")
     attention_levels: list[bool] | None = Field(
@@ -152,6 +152,18 @@ class SamplingDefaults(BaseModel):
     guidance_scale: float = Field(1.0, ge=0.0, le=50.0, description="classifier-free guidance (1 = none)")
 
 
+class SuperResolutionOptions(BaseModel):
+    """A cascaded stage (Ho et al. 2021): the UNet sees the noise-augmented low-resolution image
+    (upsampled, concatenated to its input) and the augmentation level (in its timestep-embedding slot).
+    Sampling runs the frozen `base` component first, then this stage, in one request."""
+    model_config = ConfigDict(extra="forbid")
+
+    factor: int = Field(2, ge=2, le=8, description="output side / low-resolution side")
+    noise_aug_max: int = Field(250, ge=0, description="training: the low-resolution image is noised to a level "
+                                                      "drawn from 0..noise_aug_max (timesteps of this schedule)")
+    sample_aug_level: int = Field(50, ge=0, description="sampling: the level the base's output is noised to")
+
+
 class DiffusionConfig(BaseModel):
     """A conditioned denoising diffusion model on a diffusers UNet (seed 003)."""
     model_config = ConfigDict(extra="forbid")
@@ -169,6 +181,23 @@ class DiffusionConfig(BaseModel):
     unet: UNetOptions = Field(default_factory=UNetOptions)
     noise: NoiseOptions = Field(default_factory=NoiseOptions)
     sampling: SamplingDefaults = Field(default_factory=SamplingDefaults)
+    super_resolution: SuperResolutionOptions | None = Field(
+        None, description="make this a super-resolution stage over a frozen `base` component (cascaded diffusion); "
+                          "the condition then reaches this UNet only through cross-attention")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_attention(cls, data):
+        """unet.attention defaults to cross-attention (the seed's best) when there is a condition to attend to."""
+        if isinstance(data, dict):
+            unet = data.get("unet")
+            if isinstance(unet, BaseModel):  # an options object: only what was set explicitly counts
+                unet = unet.model_dump(include=unet.model_fields_set)
+            unet = dict(unet or {})
+            if "attention" not in unet:
+                unet["attention"] = "cross" if data.get("conditioning", "none") != "none" else "self"
+                data = {**data, "unet": unet}
+        return data
 
     @model_validator(mode="after")
     def _checks(self) -> "DiffusionConfig":
@@ -177,6 +206,12 @@ class DiffusionConfig(BaseModel):
                              "'none': use attention 'self' or 'none', or condition on a label or caption")
         if self.text_encoder is not None and self.conditioning != "caption":
             raise ValueError("text_encoder is for conditioning 'caption'")
+        sr = self.super_resolution
+        if sr is not None:
+            top = self.noise.train_timesteps - 1
+            if sr.noise_aug_max > top or sr.sample_aug_level > top:
+                raise ValueError(f"super_resolution: noise_aug_max ({sr.noise_aug_max}) and sample_aug_level "
+                                 f"({sr.sample_aug_level}) are timesteps: at most train_timesteps - 1 = {top}")
         if self.conditioning == "none" and self.sampling.guidance_scale != 1.0:
             raise ValueError("sampling.guidance_scale needs a condition to guide towards (conditioning is 'none')")
         return self

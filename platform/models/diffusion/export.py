@@ -98,6 +98,9 @@ def _write(model: DiffusionModel, tmp: Path, name: str, final: Path) -> None:
     import diffusers
 
     config = model.config
+    if model.upscaler:
+        raise ModelLoadError("a super-resolution stage has no diffusers form yet (diffusers' upscaler pipeline "
+                             "conditions differently); export its base model instead")
     unet = model.denoiser.unet
     unet.save_pretrained(tmp / "unet", safe_serialization=True)
     defaults = config.sampling

@@ -12,6 +12,7 @@ noise (diffusers draws per-image noise from a list of generators).
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Sequence
 
 import torch
@@ -26,7 +27,8 @@ from raygen.models.diffusion.config import DiffusionConfig, SamplerName
 from raygen.models.diffusion.noise import SAMPLERS, NoiseProcess, make_sampler
 from raygen.models.diffusion.text_encoders import build_text_encoder
 from raygen.models.diffusion.unet import CondInputs, Denoiser, build_unet
-from raygen.models.sampling import SamplingParams, check_generators, per_image_randint, per_image_randn
+from raygen.models.sampling import (SamplingParams, check_generators, parse_params, per_image_randint,
+                                    per_image_randn)
 from raygen.models.text import TextEncoder
 
 #: seed of the fixed noise and timesteps that make the validation loss comparable from eval to eval
@@ -41,7 +43,8 @@ class Conditioner(nn.Module):
         super().__init__()
         self.kind = config.conditioning
         self.cross = config.unet.has_cross_attention
-        self.in_time = config.unet.timestep_condition()
+        # a super-resolution stage's timestep-embedding slot carries the noise-augmentation level instead
+        self.in_time = config.unet.timestep_condition() and config.super_resolution is None
         self.num_classes = info.num_classes
         self.text: nn.Module | None = None
         if self.kind == "label" and info.num_classes < 1:
@@ -118,6 +121,12 @@ class DiffusionModel(Generator):
         self.config = config
         self.condition_kind = config.conditioning
         self.latent = "vae" in components
+        self.upscaler = config.super_resolution is not None
+        if self.upscaler:
+            self._check_base(components.get("base"), data_info)
+        elif "base" in components:
+            raise ValueError("model.components.base is the low-resolution model of a super-resolution stage: "
+                             "set model.options.super_resolution (or leave the component out)")
         if self.latent:
             with torch.no_grad():
                 probe = components["vae"].encode(torch.zeros(1, *data_info.shape))
@@ -127,9 +136,30 @@ class DiffusionModel(Generator):
         self.conditioner = Conditioner(config, data_info)
         unet = build_unet(config.unet, channels=self.x_shape[0], size=tuple(self.x_shape[1:]),
                           condition=config.conditioning, num_classes=data_info.num_classes,
-                          text_dim=self.conditioner.text_dim)
+                          text_dim=self.conditioner.text_dim, image_channels=data_info.channels if self.upscaler else 0)
         self.denoiser = Denoiser(unet, config.unet.efficient)
         self.noise = NoiseProcess(config.noise)
+
+    def _check_base(self, base: Generator | None, info: DataInfo) -> None:
+        sr = self.config.super_resolution
+        if base is None:
+            raise ValueError("super_resolution needs model.components.base: the low-resolution model trained by an "
+                             "earlier stage (e.g. {base: ${stages.base.model}} in a pipeline spec)")
+        if "vae" in self.components:
+            raise ValueError("super_resolution runs in pixel space: give it no vae component")
+        low = (info.channels, info.height // sr.factor, info.width // sr.factor)
+        if info.height % sr.factor or info.width % sr.factor or tuple(base.data_info.shape) != low:
+            raise ValueError(f"super_resolution: the base makes {'x'.join(map(str, base.data_info.shape))} images; "
+                             f"this stage's {'x'.join(map(str, info.shape))} data over factor {sr.factor} needs "
+                             f"{'x'.join(map(str, low))}")
+        if base.condition_kind != self.config.conditioning:
+            raise ValueError(f"super_resolution: the base is conditioned on {base.condition_kind!r} but this stage on "
+                             f"{self.config.conditioning!r}; one request feeds both, so they must match")
+
+    def low_resolution(self, images: torch.Tensor, noise: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+        """[0, 1] low-resolution images -> noised to `level`, upsampled to this stage's size, in [-1, 1] units."""
+        noised = self.noise.add_noise(images.float() * 2 - 1, noise, level)
+        return F.interpolate(noised, size=tuple(self.x_shape[1:]), mode="bilinear", align_corners=False)
 
     @property
     def _param(self) -> torch.Tensor:
@@ -162,6 +192,15 @@ class DiffusionModel(Generator):
             noise = torch.randn(x0.shape, generator=g).to(device)
         cond = self.conditioner(n, batch.get("label"), batch.get("caption"),
                                 self.config.cond_dropout if self.training else 0.0, device)
+        if self.upscaler:  # the low-resolution view of the same images, noise-augmented to a random level
+            sr = self.config.super_resolution
+            low = F.interpolate(batch["image"].to(device, torch.float32), scale_factor=1 / sr.factor, mode="area")
+            if self.training:
+                level, aug = torch.randint(0, sr.noise_aug_max + 1, (n,), device=device), torch.randn_like(low)
+            else:
+                level = torch.randint(0, sr.noise_aug_max + 1, (n,), generator=g).to(device)
+                aug = torch.randn(low.shape, generator=g).to(device)
+            cond = replace(cond, image=self.low_resolution(low, aug, level), class_labels=level)
         x_t = self.noise.add_noise(x0, noise, t)
         out = self.denoiser(x_t.to(self._param.dtype), t, cond).float()
         per_sample = (out - self.noise.target(x0, noise, t)).pow(2).flatten(1).mean(1)
@@ -218,6 +257,13 @@ class DiffusionModel(Generator):
             device, dtype = self._param.device, self._param.dtype
             cond = self.condition_inputs(conditions, generators)
             null = self.conditioner.null(n, device) if scale != 1.0 else None
+            if self.upscaler:  # the base's images first (same generators), noised to the sampling level
+                base = self.components["base"]
+                low = base.sample(conditions, parse_params(base.sampling_params, {}), generators).to(device)
+                level = torch.full((n,), self.config.super_resolution.sample_aug_level, device=device)
+                image = self.low_resolution(low, per_image_randn(generators, low.shape[1:]).to(device), level)
+                cond = replace(cond, image=image, class_labels=level)
+                null = None if null is None else replace(null, image=image, class_labels=level)
             if params.clip_sample and self.latent:
                 raise ValueError("clip_sample: latents have no fixed range; it applies to pixel models only")
             scheduler = make_sampler(sampler, self.config.noise, clip_sample=params.clip_sample)

@@ -33,7 +33,8 @@ class CondInputs:
     """What the UNet is conditioned on, for a batch (fields unused by the layout are None)."""
     tokens: torch.Tensor | None = None        # [B, T, D] cross-attention keys/values
     mask: torch.Tensor | None = None          # [B, T] bool, True on real tokens
-    class_labels: torch.Tensor | None = None  # long [B] (labels) or float [B, D] (pooled captions)
+    class_labels: torch.Tensor | None = None  # long [B] (labels, noise levels) or float [B, D] (pooled captions)
+    image: torch.Tensor | None = None         # [B, C, H, W] concatenated to the input (super-resolution)
 
     @staticmethod
     def cat(a: "CondInputs", b: "CondInputs") -> "CondInputs":
@@ -46,12 +47,14 @@ class CondInputs:
                 mask = torch.cat([F.pad(x.mask, (0, width - x.mask.shape[1]), value=False) for x in (a, b)])
         if a.class_labels is not None:
             labels = torch.cat([a.class_labels, b.class_labels])
-        return CondInputs(tokens, mask, labels)
+        image = None if a.image is None else torch.cat([a.image, b.image])
+        return CondInputs(tokens, mask, labels, image)
 
     def expand(self, n: int) -> "CondInputs":
         """A batch-1 condition repeated n times."""
         rep = lambda x: None if x is None else x.expand(n, *x.shape[1:])  # noqa: E731
-        return replace(self, tokens=rep(self.tokens), mask=rep(self.mask), class_labels=rep(self.class_labels))
+        return replace(self, tokens=rep(self.tokens), mask=rep(self.mask), class_labels=rep(self.class_labels),
+                       image=rep(self.image))
 
 
 def block_types(opts: UNetOptions) -> tuple[tuple[str, ...], tuple[str, ...], str | None]:
@@ -73,8 +76,12 @@ def block_types(opts: UNetOptions) -> tuple[tuple[str, ...], tuple[str, ...], st
 
 
 def build_unet(opts: UNetOptions, *, channels: int, size: tuple[int, int], condition: str,
-               num_classes: int = 0, text_dim: int = 0) -> nn.Module:
-    """A diffusers UNet for inputs [B, channels, *size] (before the efficient layout's space-to-depth)."""
+               num_classes: int = 0, text_dim: int = 0, image_channels: int = 0) -> nn.Module:
+    """A diffusers UNet for inputs [B, channels, *size] (before the efficient layout's space-to-depth).
+
+    image_channels > 0 (super-resolution): that many channels of a conditioning image are concatenated to
+    the input, and the timestep-embedding slot carries the image's noise-augmentation level
+    (class_embed_type "timestep"), so the condition enters only through cross-attention."""
     factor = SPACE_TO_DEPTH if opts.efficient else 1
     h, w = size
     levels = len(opts.widths)
@@ -82,15 +89,18 @@ def build_unet(opts: UNetOptions, *, channels: int, size: tuple[int, int], condi
     if h % need or w % need:
         raise ValueError(f"unet: {levels} levels{' and the efficient layout' if opts.efficient else ''} need a "
                          f"side divisible by {need}, got {h}x{w}; use fewer widths or another resolution")
-    in_ch = channels * factor * factor
+    in_ch, out_ch = (channels + image_channels) * factor * factor, channels * factor * factor
     sample = (h // factor, w // factor) if h != w else h // factor
     down, up, mid = block_types(opts)
     heads = tuple(max(1, width // opts.head_dim) for width in opts.widths)
-    in_time = opts.timestep_condition() and condition != "none"
-    common = dict(sample_size=sample, in_channels=in_ch, out_channels=in_ch, block_out_channels=tuple(opts.widths),
+    upscaler = image_channels > 0
+    in_time = opts.timestep_condition() and condition != "none" and not upscaler
+    common = dict(sample_size=sample, in_channels=in_ch, out_channels=out_ch, block_out_channels=tuple(opts.widths),
                   layers_per_block=opts.layers_per_block, down_block_types=down, up_block_types=up,
                   norm_num_groups=opts.norm_groups, dropout=opts.dropout)
-    if not opts.has_cross_attention and condition != "caption":
+    if upscaler:
+        common["class_embed_type"] = "timestep"
+    if not opts.has_cross_attention and (condition != "caption" or upscaler):
         # UNet2DModel: its attention_head_dim is channels per head
         return UNet2DModel(**common, attention_head_dim=opts.head_dim, add_attention=opts.attention == "self",
                            num_class_embeds=(num_classes + 1) if condition == "label" and in_time else None)
@@ -120,6 +130,8 @@ class Denoiser(nn.Module):
         self.conditional_unet = isinstance(unet, UNet2DConditionModel)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: CondInputs) -> torch.Tensor:
+        if cond.image is not None:
+            x = torch.cat([x, cond.image.to(x.dtype)], dim=1)
         if self.factor > 1:
             x = F.pixel_unshuffle(x, self.factor)
         if t.dim() == 0:
