@@ -32,7 +32,8 @@ def validate(args) -> int:
     spec = load_spec(args.file, args.set)
     check_runnable(spec, tune=None)  # the checks train and tune make before they start
     sweep = f", tune.space of {len(spec.tune.space)} key(s)" if spec.tune.space else ""
-    print(f"{args.file}: ok ({spec.model.family} model, {spec.scale.workers} worker(s), {spec.scale.strategy}{sweep})")
+    from raygen.train.worker import describe_strategy
+    print(f"{args.file}: ok ({spec.model.family} model, {spec.scale.workers} worker(s), {describe_strategy(spec)}{sweep})")
     return 0
 
 

@@ -94,3 +94,22 @@ def test_diffusion_latent_pipeline_trains_vae_then_diffusion(ray_session, workdi
     assert model.components["vae"].latent_stats[0] > 0  # the VAE stage measured its latent scale
     images = model.generate(2, condition="bag", num_inference_steps=3)
     assert images.shape == (2, 1, 16, 16) and torch.isfinite(images).all()
+
+
+@pytest.mark.skipif(not FASHION.is_dir(), reason="needs the dataset-fashion-mnist Debian package (make dataset)")
+def test_diffusion_sr_pipeline_samples_16_to_32_in_one_request(ray_session, workdir, capsys):
+    common = {"data.count": 600, "train.steps": 4, "train.eval_every": 2, "train.checkpoint_every": 2,
+              "train.val_batches": 1, "train.grid_samples": 4, "track.fid.enabled": "false",
+              "model.options.unet.widths": "[8, 16]", "model.options.unet.head_dim": 8,
+              "model.options.unet.norm_groups": 4, "model.options.sampling.num_inference_steps": 3}
+    stage = {"base": {**common, "data.batch_size": 16}, "sr": {**common, "data.batch_size": 8}}
+    sets = [f"stages.{name}.set.{key}={value}" for name, values in stage.items() for key, value in values.items()]
+    code = main(["train", str(REPO / "jobs/specs/diffusion_sr.yaml"), *[a for s in sets for a in ("--set", s)]])
+    out = capsys.readouterr().out
+    assert code == 0, out
+
+    from raygen.exports import load_generator
+    model = load_generator(str(workdir / "runs" / "diffusion-sr" / "sr")).model
+    assert model.upscaler and model.components["base"].data_info.resolution == 16
+    images = model.generate(2, condition="dress", num_inference_steps=3)
+    assert images.shape == (2, 1, 32, 32) and torch.isfinite(images).all()

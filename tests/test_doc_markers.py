@@ -138,3 +138,10 @@ def test_a_server_serves_the_next_block_and_is_then_stopped(tmp_path, monkeypatc
         f"```bash\n! curl -s {url}\n```\n"))
     assert len(report.ran) == 3  # the last block passes only if the server was stopped after the second
     assert "jobs/" in (tmp_path / "ws" / "listing.html").read_text()  # it listed the workspace
+
+
+def test_the_worked_example_in_families_md_is_the_plugin_family():
+    """docs/families.md shows the plugin's model file whole; it must not drift from the tested package."""
+    doc = (h.REPO / "docs" / "families.md").read_text()
+    model = (h.REPO / "tests" / "plugin_family" / "raygen_plugin_demo" / "model.py").read_text()
+    assert f"```python\n{model}\n\n# ---- its registry entry" in doc

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -230,7 +229,8 @@ def test_worker_batches_stream_latents(ae, digits, tmp_path):
     b = batches[0]
     assert "image" not in b and b["latent"].shape == (8, 2, 4, 4) and b["latent"].dtype == torch.float32
     for b in batches:
-        assert torch.equal(b["latent"], every["latent"][b["index"]]) and torch.equal(b["label"], every["label"][b["index"]])
+        assert torch.equal(b["latent"], every["latent"][b["index"]])
+        assert torch.equal(b["label"], every["label"][b["index"]])
     seen = torch.cat([b["index"] for b in batches])
     assert len(set(seen.tolist())) == len(seen) and set(seen.tolist()) <= set(range(100, 200))
     assert [torch.equal(x["latent"], y["latent"]) for x, y in zip(list(wb.epoch(0, skip=3)), batches[3:])] == \
@@ -240,7 +240,8 @@ def test_worker_batches_stream_latents(ae, digits, tmp_path):
     assert torch.equal(torch.cat([b["latent"] for b in val]), load_split_latents(tmp_path / "lat", "val")["latent"])
     with pytest.raises(DataError, match="data.augment.hflip: .* is a latent dataset"):
         from raygen.data.latents import check_latent_spec
-        check_latent_spec(read_manifest(tmp_path / "lat"), DataSpec(dataset=str(tmp_path / "lat"), augment={"hflip": True}))
+        check_latent_spec(read_manifest(tmp_path / "lat"),
+                          DataSpec(dataset=str(tmp_path / "lat"), augment={"hflip": True}))
 
 
 def test_encode_asks_for_the_encode_capability(ae, digits, tmp_path, capfd):

@@ -30,9 +30,7 @@ output folder's `.encode/` (removed once the manifest is written).
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -373,6 +371,8 @@ def finish_output(out: Path, plan: EncodePlan, source: Manifest, *, name: str | 
                         has_captions=source.has_captions, extra_columns=dict(source.extra_columns),
                         source=note or f"{source.name} encoded by {plan.encoder.get('family')}",
                         prepare={"encode": plan.key()}, schema_version=SCHEMA_VERSION, kind="latents", latents=info)
+    for stray in out.glob(f"{TMP_PREFIX}*"):  # temp files of a write that was killed: never part of the dataset
+        stray.unlink(missing_ok=True)
     write_manifest(manifest, out)
     shutil.rmtree(state_dir(out), ignore_errors=True)
     return read_manifest(out)
@@ -386,7 +386,8 @@ class ShareResult:
     stopped: bool = False     # stopped early (stop_after)
 
 
-def pending_batches(out: Path, plan: EncodePlan, split: str, rank: int, world_size: int) -> list[tuple[int, int, int, int]]:
+def pending_batches(out: Path, plan: EncodePlan, split: str, rank: int,
+                    world_size: int) -> list[tuple[int, int, int, int]]:
     """(k, j, lo, hi) of the batches rank `rank` of `world_size` still has to
     encode: shards are dealt round-robin (shard k to rank k % world_size)."""
     todo = []

@@ -30,7 +30,8 @@ def debug_flavors():
     vae = build_model("vae", {}, classes)
     base = build_model("diffusion", {}, DataInfo(channels=1, resolution=8))  # default options, as for the vae
     return {
-        "sr-8to16": (DiffusionConfig.debug(super_resolution={"factor": 2, "noise_aug_max": 30, "sample_aug_level": 10}),
+        "sr-8to16": (DiffusionConfig.debug(super_resolution={"factor": 2, "noise_aug_max": 30, "sample_aug_level": 10},
+                                           noise={"prediction": "v"}),
                      DataInfo(channels=1, resolution=16), {"base": base}),
         "latent-label-vae": (DiffusionConfig.debug(conditioning="label", unet={"attention": "cross", "widths": [8, 8]}),
                              classes, {"vae": vae}),
