@@ -262,6 +262,15 @@ def test_efficient_layout_runs_the_unet_at_half_resolution():
     assert out.shape == (2, 1, 8, 8)
 
 
+def test_attention_defaults_to_cross_when_there_is_a_condition():
+    assert DiffusionConfig().unet.attention == "self"
+    assert DiffusionConfig(conditioning="label").unet.attention == "cross"
+    assert DiffusionConfig(conditioning="caption", unet={"widths": [16, 32]}).unet.attention == "cross"
+    assert DiffusionConfig(conditioning="label", unet={"attention": "none"}).unet.attention == "none"
+    config = DiffusionConfig(conditioning="label", unet={"attention": "xa"})  # the seed's name
+    assert config.unet.attention == "self_cross" and DiffusionConfig.model_validate(config.model_dump()) == config
+
+
 def test_bad_options_name_the_field():
     with pytest.raises(ValidationError, match="attention 'cross' attends to a condition, but conditioning is 'none'"):
         DiffusionConfig(unet={"attention": "cross"})

@@ -59,7 +59,7 @@ def test_pyfunc_does_what_the_raygen_model_does(family, flavor, tmp_path):
     paths = {}
     for name, comp in components.items():  # an earlier run's export, copied into this model's
         comp_spec = parse_spec({"model": {"family": comp.family, "options": {}}})
-        paths[name] = str(export_generator(tmp_path / name, comp.state_dict(), comp_spec, info))
+        paths[name] = str(export_generator(tmp_path / name, comp.state_dict(), comp_spec, comp.data_info))
     spec = parse_spec({"model": {"family": family, "options": config.model_dump(mode="json"), "components": paths}})
     export = export_generator(tmp_path / "export", model.state_dict(), spec, info)
     folder = save_pyfunc(export, tmp_path / "mlflow-model")

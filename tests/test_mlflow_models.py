@@ -20,10 +20,12 @@ from mlflow.exceptions import MlflowException
 from PIL import Image
 
 import pipeline_toys  # noqa: F401  (toy_ae / toy_refiner: a model with a frozen component)
+from raygen.data.manifest import Manifest, SplitInfo
 from raygen.exports import export_generator, load_exported, load_generator, locate_export
 from raygen.images import png_bytes, to_uint8
 from raygen.models import Capability, build_model, get_family
 from raygen.spec import parse_spec
+from raygen.tracking.lineage import log_dataset_inputs
 from raygen.tracking.models import log_and_register, run_model_id, using_store
 from raygen.tracking.pyfunc import save_pyfunc, task_for
 from raygen.tracking.store import client, open_run
@@ -37,7 +39,8 @@ def _export(tmp_path: Path, family: str, flavor: str, components: dict | None = 
     paths = {}
     for name, comp in comps.items():  # a component is an earlier run's export
         comp_spec = parse_spec({"model": {"family": comp.family, "options": {}}})
-        paths[name] = str(export_generator(tmp_path / f"component-{name}" / "export", comp.state_dict(), comp_spec, info))
+        paths[name] = str(export_generator(tmp_path / f"component-{name}" / "export", comp.state_dict(), comp_spec,
+                                           comp.data_info))
     spec = parse_spec({"name": "toy", "model": {"family": family, "options": config.model_dump(mode="json"),
                                                 "components": paths}})
     return export_generator(tmp_path / family / "export", model.state_dict(), spec, info, {"step": 8})
@@ -54,6 +57,9 @@ def logged(tmp_path_factory):
     export = _export(tmp, "seqimg", "lstm-label")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     run = open_run(uri, "toy", "toy-run", spec=load_exported(export).spec)
+    splits = {"train": SplitInfo(rows=30, shards=[]), "val": SplitInfo(rows=6, shards=[])}
+    log_dataset_inputs(run, tmp / "toy-data", Manifest(name="toy", height=8, width=8, channels=1, splits=splits,
+                                                       num_classes=3))
     run.log_metrics({"loss": 1.5, "val_loss": 1.25}, step=6)  # last evaluated before the final step
     run.log_metrics({"loss": 1.0, "fid": 40.0, "kid": 0.02}, step=8)
     run.log_metrics({"system/cpu_utilization_percentage": 50.0}, step=8)  # the 9th sample, not training step 8
@@ -124,6 +130,8 @@ def test_one_logged_model_linked_to_its_run_metrics_and_version(logged):
     assert metrics["fid"] == (40.0, 8) and metrics["kid"] == (0.02, 8) and metrics["loss"] == (1.0, 8)
     assert metrics["val_loss"] == (1.25, 6)  # the latest eval, though logged before the final step
     assert set(metrics) == {"loss", "val_loss", "fid", "kid"}  # no system metric
+    datasets = {m.key: m.dataset_name for m in model.metrics}  # eval metrics name the validation split
+    assert datasets == {"loss": None, "val_loss": "toy/val", "fid": "toy/val", "kid": "toy/val"}
     run = c.get_run(logged["run_id"])
     assert [(o.model_id, o.step) for o in run.outputs.model_outputs] == [(model.model_id, 8)]
     assert [m.step for m in c.get_metric_history(logged["run_id"], "val_loss")] == [6]  # linking adds no point

@@ -80,7 +80,9 @@ def log_model(tracking_uri: str, run_id: str, export_dir: str | Path, *, step: i
         Model.log(None, name=MODEL_NAME, flavor=mlflow.pyfunc, model_id=logged.model_id, **kwargs)
     c.log_outputs(run_id, models=[LoggedModelOutput(logged.model_id, step=step)])
     # Same key, value, step and timestamp as the run's own points: the run's history is
-    # unchanged, only the model gains the metrics.
+    # unchanged, only the model gains the metrics; the eval metrics name the run's
+    # validation dataset (raygen.tracking.lineage), so the model page lists it.
+    val = _input_dataset(run, "validation")
     links = []
     for key in sorted(run.data.metrics):
         if key.startswith("system/"):
@@ -89,11 +91,22 @@ def log_model(tracking_uri: str, run_id: str, export_dir: str | Path, *, step: i
         chosen = [m for m in history if m.step == step]
         if not chosen and key in eval_metrics:
             chosen = [max(history, key=lambda m: (m.step, m.timestamp))]
+        name, digest = (val.name, val.digest) if val is not None and key in eval_metrics else (None, None)
         links += [Metric(key, m.value, m.timestamp, m.step, model_id=logged.model_id, run_id=run_id,
-                         dataset_name=m.dataset_name, dataset_digest=m.dataset_digest) for m in chosen[-1:]]
+                         dataset_name=m.dataset_name or name, dataset_digest=m.dataset_digest or digest)
+                  for m in chosen[-1:]]
     for i in range(0, len(links), 900):
         c.log_batch(run_id, metrics=links[i:i + 900])
     return c.get_logged_model(logged.model_id)
+
+
+def _input_dataset(run, context: str):
+    """The run's dataset input logged with `context` ("training", "validation"), or None."""
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+    for item in (run.inputs.dataset_inputs if run.inputs else []):
+        if any(t.key == MLFLOW_DATASET_CONTEXT and t.value == context for t in item.tags):
+            return item.dataset
+    return None
 
 
 def log_and_register(tracking_uri: str, run_id: str, export_dir: str | Path, name: str | None, *,

@@ -35,6 +35,7 @@ chosen when the model is logged and written as `raygen.task` in the MLmodel's mo
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,8 @@ CODE_FILE = Path(__file__).with_name("pyfunc_model.py")
 #: the model_config key naming the task
 TASK_KEY = "raygen.task"
 TASKS = ("sample", "reconstruct", "score", "none")
+#: where the model runs: this variable ("cpu", "cuda", "cuda:1"), else CUDA when there is one
+DEVICE_ENV = "RAYGEN_PYFUNC_DEVICE"
 #: at most this many images (sample) or input rows per predict call
 MAX_IMAGES = 256
 
@@ -160,9 +163,12 @@ class RaygenPyfunc(mlflow.pyfunc.PythonModel):
     _skip_type_hint_validation = True
 
     def load_context(self, context) -> None:
+        import torch
+
         from raygen.exports import load_exported
+        device = os.environ.get(DEVICE_ENV) or ("cuda" if torch.cuda.is_available() else "cpu")
         self.loaded = load_exported(context.artifacts[EXPORT_ARTIFACT])
-        self.model = self.loaded.model
+        self.model = self.loaded.model.to(device)
         self.task = (context.model_config or {}).get(TASK_KEY) or task_for(self.model)
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None):
@@ -207,8 +213,8 @@ class RaygenPyfunc(mlflow.pyfunc.PythonModel):
         for i, (n, seed, condition) in enumerate(requests):
             try:
                 images = self.model.generate(n, condition=condition, seed=seed, params=sampling)
-            except ConditionError as err:
-                raise _bad(f"row {i}.{err.field}: {err.message}") from None
+            except (ConditionError, SamplingParamsError) as err:
+                raise _bad(f"row {i}.{err.field}: {err.message}" if err.field else err.message) from None
             for j, image in enumerate(to_uint8(images)):
                 out.append({"request": i, "index": j, "seed": seed + j, "png": png_bytes(image)})
         return pd.DataFrame(out, columns=["request", "index", "seed", "png"])
@@ -229,7 +235,8 @@ class RaygenPyfunc(mlflow.pyfunc.PythonModel):
                 out.append(kind.parse(value, self.model.data_info))
             except ConditionError as err:
                 raise _bad(f"row {i}.image: {err.message}") from None
-        return torch.stack(out)
+        device = next((t.device for t in (*self.model.parameters(), *self.model.buffers())), torch.device("cpu"))
+        return torch.stack(out).to(device)
 
     def _reconstruct(self, rows: list[dict[str, Any]]):
         import pandas as pd
