@@ -8,6 +8,7 @@ Each rejection names the field and what would be accepted.
 """
 from __future__ import annotations
 
+import functools
 import secrets
 from dataclasses import dataclass
 from typing import Any
@@ -76,8 +77,24 @@ def _show(names: list[str], limit: int = 12) -> str:
     return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
 
 
+def integral(values: dict[str, Any], integer_fields) -> dict[str, Any]:
+    """JSON Schema's integers: 2.0 is the integer 2 for an integer field (2.5, "2" and true are not)."""
+    return {k: (int(v) if k in integer_fields and isinstance(v, float) and v.is_integer() else v)
+            for k, v in values.items()}
+
+
+@functools.lru_cache(maxsize=None)
+def integer_fields(cls: type) -> frozenset[str]:
+    """The fields of a pydantic model whose JSON schema type is integer."""
+    props = cls.model_json_schema().get("properties", {})
+    return frozenset(k for k, p in props.items()
+                     if p.get("type") == "integer" or {b.get("type") for b in p.get("anyOf", [])} - {"null"} ==
+                     {"integer"})
+
+
 def _common(body: dict) -> GenerateCommon:
-    values = {k: v for k, v in body.items() if k in GenerateCommon.model_fields}
+    values = integral({k: v for k, v in body.items() if k in GenerateCommon.model_fields},
+                      integer_fields(GenerateCommon))
     try:
         return GenerateCommon.model_validate(values)
     except ValidationError as err:
@@ -133,7 +150,7 @@ def parse_sampling(model: ServedModel, values: dict[str, Any]) -> dict[str, Any]
                                f"{', '.join(GenerateCommon.model_fields)}"
                                + (f", and {model.kind.field!r}" if model.kind.field else ""), key)
     try:
-        params = parse_params(model.params_cls, values, strict=True)
+        params = parse_params(model.params_cls, integral(values, integer_fields(model.params_cls)), strict=True)
     except SamplingParamsError as err:
         raise RequestError(err.message, err.field) from None
     return params.model_dump(mode="json")

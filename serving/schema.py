@@ -110,11 +110,20 @@ def request_schemas(cards: list[dict[str, Any]], *, default_model: str, max_n: i
     Each model's schema holds the common fields (n and best_of capped at
     max_n), its condition field and its sampling parameters, and no other
     field. `model` may be left out for the default model only. best_of and k
-    appear only when reranking is ready."""
-    common = GenerateCommon.model_json_schema()["properties"]
-    common["n"] = {**common["n"], "anyOf": [{"type": "integer", "minimum": 1, "maximum": max_n}, {"type": "null"}]}
-    common["best_of"] = {**common["best_of"],
-                         "anyOf": [{"type": "integer", "minimum": 1, "maximum": max_n}, {"type": "null"}]}
+    appear only when reranking is ready. What JSON schema cannot say is
+    checked by `requests.resolve` alone: k <= best_of, and k and n equal when
+    both are given with best_of."""
+    common = {}
+    for key, prop in GenerateCommon.model_json_schema()["properties"].items():
+        # documented without null (the server takes null as absent), so "k needs best_of" holds in the schema
+        branches = [b for b in prop.pop("anyOf", []) if b.get("type") != "null"]
+        entry = {**prop, **(branches[0] if len(branches) == 1 else {"anyOf": branches} if branches else {})}
+        if "default" in entry and entry["default"] is None:
+            del entry["default"]
+        common[key] = entry
+    common["n"].update(maximum=max_n)
+    common["best_of"].update(maximum=max_n)
+    common["seed"].update(maximum=MAX_SEED - max_n + 1)  # image i uses seed + i: this seed serves any n
     components: dict[str, Any] = {}
     branches = []
     for card in cards:
@@ -143,6 +152,10 @@ def request_schemas(cards: list[dict[str, Any]], *, default_model: str, max_n: i
             schema["required"] = ["model"]
         if reranking == "ready":
             schema["dependentRequired"] = {"k": ["best_of"], **({} if takes_text else {"prompt": ["best_of"]})}
+            # best_of scores against a text: the prompt, a caption, or the class name of a label
+            texts = ["prompt"] + ([cond["field"]] if takes_text or (cond["kind"] == "label" and
+                                                                      card["data"].get("class_names")) else [])
+            schema["dependentSchemas"] = {"best_of": {"anyOf": [{"required": [t]} for t in texts]}}
         key = f"GenerateRequest.{_component(name)}"
         components[key] = schema
         branches.append({"$ref": f"#/components/schemas/{key}"})

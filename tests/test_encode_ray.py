@@ -27,6 +27,7 @@ def digits(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.timeout(900)  # two Ray Train jobs: a hang guard for a loaded 2-core machine, not a speed check
 def test_encode_stops_and_resumes_through_ray_train(ray_session, digits, tmp_path, capfd):
     from raygen.jobs.cli import main
     from raygen.train.encode import prepare_encode, run_encode, run_local
@@ -71,6 +72,7 @@ def test_ray_data_streams_latents_to_each_rank(ray_session, digits, tmp_path):
     assert sorted(seen) == list(range(200))
 
 
+@pytest.mark.timeout(900)  # a training and an encode job, each on Ray Train (a hang guard, as above)
 def test_pipeline_trains_then_encodes_and_skips_when_rerun(ray_session, tmp_path):
     from raygen.tracking.store import client
     from raygen.spec.pipeline import load_pipeline

@@ -73,6 +73,10 @@ def test_defaults_and_params():
     assert isinstance(p.job.params["temperature"], float) and p.job.kind == "label"
     seq = plan({"model": "seq", "top_k": 4, "label": "B"})
     assert seq.job.params == {"temperature": 1.0, "top_k": 4, "use_cache": True} and seq.job.condition == 1
+    # JSON Schema's integers: 2.0 is 2 (what the OpenAPI document promises), 2.5 is not
+    whole = plan({"model": "seq", "n": 2.0, "seed": 7.0, "top_k": 3.0, "label": 2.0})
+    assert (whole.job.n, whole.job.seed, whole.job.params["top_k"], whole.job.condition) == (2, 7, 3, 2)
+    assert isinstance(whole.job.params["top_k"], int) and isinstance(whole.job.n, int)
 
 
 def test_label_by_index_or_name():
@@ -94,7 +98,7 @@ def test_prompt_is_the_caption_of_a_text_model():
     ({"n": 0}, "n", 422),
     ({"n": 9}, "n", 422),
     ({"n": "2"}, "n", 422),
-    ({"n": 2.0}, "n", 422),
+    ({"n": 2.5}, "n", 422),
     ({"n": True}, "n", 422),
     ({"seed": -1}, "seed", 422),
     ({"seed": MAX_SEED, "n": 2}, "seed", 422),  # image 1 would need seed MAX_SEED + 1
