@@ -76,10 +76,10 @@ def test_pyfunc_does_what_the_raygen_model_does(family, flavor, tmp_path):
         if task == "sample":
             value = _request_value(model, info, pngs[0])
             field = {"none": None}.get(model.condition_kind, model.condition_kind)
-            request = {"n": 2, "seed": 3, **({field: value} if field else {})}
-            out = pyfunc.predict(request)
-            assert out["seed"].tolist() == [3, 4]
-            np.testing.assert_array_equal(_pngs(out["png"]), _hwc(model.generate(2, condition=value, seed=3)))
+            # one image: sampling is the slow part, and seed + i is checked in test_mlflow_models
+            out = pyfunc.predict({"n": 1, "seed": 3, **({field: value} if field else {})})
+            assert out["seed"].tolist() == [3]
+            np.testing.assert_array_equal(_pngs(out["png"]), _hwc(model.generate(1, condition=value, seed=3)))
         elif task == "reconstruct":
             out = pyfunc.predict({"image": pngs})
             np.testing.assert_array_equal(_pngs(out["png"]), _hwc(model.reconstruct(pixels)))
