@@ -123,6 +123,7 @@ def request_schemas(cards: list[dict[str, Any]], *, default_model: str, max_n: i
         common[key] = entry
     common["n"].update(maximum=max_n)
     common["best_of"].update(maximum=max_n)
+    common["k"].update(maximum=max_n)
     common["seed"].update(maximum=MAX_SEED - max_n + 1)  # image i uses seed + i: this seed serves any n
     components: dict[str, Any] = {}
     branches = []

@@ -287,3 +287,15 @@ def test_bad_options_name_the_field():
     model = build(DataInfo(channels=1, resolution=8), unet={"attention": "self"})
     with pytest.raises(ValueError, match="unconditional model has nothing to guide"):
         model.sample(Conditions.none(1), params(model, guidance_scale=2.0), make_generators([0]))
+
+
+@pytest.mark.parametrize("conditioning,attention", [("label", "cross"), ("label", "none"), ("caption", "self_cross"),
+                                                    ("caption", "none")])
+def test_a_bf16_model_trains(conditioning, attention):
+    # DeepSpeed bf16 casts the whole model: float condition inputs (one-hot tokens, pooled captions) must follow
+    info = DataInfo(channels=1, resolution=8, num_classes=3, has_captions=True)
+    model = build(info, conditioning=conditioning, unet={"attention": attention}).to(torch.bfloat16).train()
+    batch = {"image": torch.rand(2, 1, 8, 8), "label": torch.tensor([0, 2]), "caption": ["a red circle", ""]}
+    out = model.training_step(batch)
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"]) and model.denoiser.unet.conv_in.weight.grad.dtype == torch.bfloat16

@@ -415,9 +415,13 @@ def test_openapi_documents_every_models_params(api):
         "properties"]
 
     valid = [{}, {"n": 2, "label": "dog", "temperature": 0.5, "style": "inverted"}, {"model": "seq", "top_k": 5},
-             {"model": "text", "caption": "a cat"}, {"model": "plain", "best_of": 2, "prompt": "x"}]
+             {"model": "text", "caption": "a cat"}, {"model": "plain", "best_of": 2, "prompt": "x"},
+             {"model": "seq", "n": 2.0, "top_k": 3.0}, {"model": "text", "best_of": 2, "caption": "x"},
+             {"best_of": 3, "label": 1}, {"seed": MAX_SEED - 7, "n": 8}]
     invalid = [{"temperature": 0}, {"model": "seq", "top_k": 300}, {"model": "seq", "style": "plain"},
-               {"colour": 1}, {"n": 9}, {"label": 5}, {"model": "plain", "label": 1}, {"k": 2}]
+               {"colour": 1}, {"n": 9}, {"n": 2.5}, {"label": 5}, {"model": "plain", "label": 1}, {"k": 2},
+               {"model": "plain", "prompt": "x"}, {"model": "text", "best_of": 2}, {"best_of": 2},
+               {"seed": MAX_SEED}]
     for body in valid:
         jsonschema.validate(body, schema)
         assert api.post("/v1/generate", json=body).status_code == 200, body

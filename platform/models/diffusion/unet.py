@@ -130,6 +130,11 @@ class Denoiser(nn.Module):
         self.conditional_unet = isinstance(unet, UNet2DConditionModel)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: CondInputs) -> torch.Tensor:
+        # everything the UNet reads in x's dtype (its weights' under DeepSpeed bf16), labels and levels stay long
+        tokens = None if cond.tokens is None else cond.tokens.to(x.dtype)
+        labels = cond.class_labels
+        if labels is not None and labels.is_floating_point():
+            labels = labels.to(x.dtype)
         if cond.image is not None:
             x = torch.cat([x, cond.image.to(x.dtype)], dim=1)
         if self.factor > 1:
@@ -138,10 +143,10 @@ class Denoiser(nn.Module):
             t = t.expand(x.shape[0])
         if self.conditional_unet:
             mask = None if cond.mask is None else cond.mask.to(x.dtype)
-            out = self.unet(x, t, encoder_hidden_states=cond.tokens, class_labels=cond.class_labels,
+            out = self.unet(x, t, encoder_hidden_states=tokens, class_labels=labels,
                             encoder_attention_mask=mask).sample
         else:
-            out = self.unet(x, t, class_labels=cond.class_labels).sample
+            out = self.unet(x, t, class_labels=labels).sample
         if self.factor > 1:
             out = F.pixel_shuffle(out, self.factor)
         return out
