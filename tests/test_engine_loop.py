@@ -335,3 +335,16 @@ def test_collectives_use_cuda_tensors_under_a_plain_nccl_group(monkeypatch):
     monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     assert collective_device() == torch.device("cuda", 0)
+
+
+def test_clip_by_norm_reuses_the_norm_the_step_measured(monkeypatch):
+    """DDPStrategy measured the gradient norm already: clipping by norm alone does
+    not compute it again; after clipping by value (gradients changed) it must."""
+    calls = []
+    original = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: calls.append(1) or original(*a, **k))
+    spec = make_spec(steps=2)
+    make_trainer(spec, ListBatches(toy_images(64), 8), hooks=[GradClipHook(1e-3, None)]).fit()
+    assert calls == []
+    make_trainer(spec, ListBatches(toy_images(64), 8), hooks=[GradClipHook(1e-3, 1e-4)]).fit()
+    assert len(calls) == 2

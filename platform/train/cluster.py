@@ -51,10 +51,15 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, quiet
         # The dashboard's state API is what lets Ray Train release a worker
         # group whose driver died (a Tune trial stopped early): without it
         # those CPUs stay reserved and later trials wait forever.
-        ray.init(address="local", num_cpus=cpus, object_store_memory=mem, include_dashboard=True,
-                 dashboard_host="127.0.0.1",
-                 # quiet: workers' output goes to each run's run.log, not through the driver (raygen.train.console)
-                 log_to_driver=not quiet, logging_level="ERROR")
+        try:
+            ray.init(address="local", num_cpus=cpus, object_store_memory=mem, include_dashboard=True,
+                     dashboard_host="127.0.0.1",
+                     # quiet: workers' output goes to each run's run.log, not through the driver (raygen.train.console)
+                     log_to_driver=not quiet, logging_level="ERROR")
+        except Exception as err:  # e.g. "The current node timed out during startup" on an overloaded machine
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise ClusterError(f"the local Ray cluster did not start ({first}). Retry when the machine is less "
+                               "busy, or join a running cluster with --address / RAY_ADDRESS.") from None
     return ray.cluster_resources()
 
 
