@@ -60,9 +60,11 @@ def test_quickstart_train_track_serve(ray_session, workdir, capsys):
     assert 4 in fid_steps and 8 in fid_steps  # during training (every 4 steps) and at the end
     assert run.data.tags["fid.extractor"].startswith("domain:") and run.data.tags["fid.samples"] == "64"
     artifacts = {a.path for a in c.list_artifacts(run.info.run_id)}
-    assert {"spec.yaml", "samples", "model", "plots", "checkpoint"} <= artifacts
+    assert {"spec.yaml", "samples", "plots", "checkpoint"} <= artifacts
     assert any(a.path.endswith(".png") for a in c.list_artifacts(run.info.run_id, "samples"))
-    model_files = {Path(a.path).name for a in c.list_artifacts(run.info.run_id, "model")}
+    # the model is an MLflow LoggedModel holding the raygen export (safetensors, no pickles)
+    logged = c.search_logged_models([run.info.experiment_id])[0]
+    model_files = {Path(a.path).name for a in c.list_logged_model_artifacts(logged.model_id, "artifacts/export")}
     assert "weights.safetensors" in model_files and "spec.yaml" in model_files
     assert not any(name.endswith((".pkl", ".pt", ".pth")) for name in model_files)  # no pickled code
 
