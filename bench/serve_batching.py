@@ -72,8 +72,41 @@ def export_model(folder: Path, smoke: bool) -> Path:
     return export_generator(folder / "model", model.state_dict(), spec, info, meta={"run_id": "bench"})
 
 
+def _processes() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, command line) of every process."""
+    out = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+            except OSError:
+                continue
+            out[int(entry.name)] = (int(stat.rsplit(")", 1)[1].split()[1]), cmd)
+    return out
+
+
+def serve_processes(scratch: Path) -> dict[str, int]:
+    """The pids of this run's Serve proxy, ingress and generator replicas (children of its own raylet)."""
+    procs = _processes()
+    raylets = {pid for pid, (_, cmd) in procs.items() if "raylet" in cmd.split(" ")[0] and str(scratch) in cmd}
+    found = {}
+    for pid, (ppid, cmd) in procs.items():
+        if ppid in raylets:
+            for role, title in (("proxy", "ProxyActor"), ("ingress", ":ingress"), ("generator", ":generator-")):
+                if title in cmd.split(" ")[0]:
+                    found[role] = pid
+    return found
+
+
+def cpu_ms(pid: int) -> float:
+    """CPU time (user + system) a process has used, in ms."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) * 1e3 / os.sysconf("SC_CLK_TCK")
+
+
 def direct_sampler(path: Path):
-    """A function sampling one image directly (this process, one thread); returns its ms."""
+    """A function sampling one image directly (this process, one thread); returns (wall ms, CPU ms)."""
     import torch
 
     from raygen.exports import load_generator
@@ -84,11 +117,11 @@ def direct_sampler(path: Path):
     model = load_generator(str(path)).model
     params = model.sampling_params()
 
-    def once(i: int) -> float:
-        start = time.perf_counter()
+    def once(i: int) -> tuple[float, float]:
+        start, cpu = time.perf_counter(), time.thread_time()
         with torch.inference_mode():
             model.sample(Conditions("label", (i % len(CLASSES),)), params, make_generators([i]))
-        return (time.perf_counter() - start) * 1e3
+        return (time.perf_counter() - start) * 1e3, (time.thread_time() - cpu) * 1e3
 
     for i in range(3):
         once(i)
@@ -127,25 +160,42 @@ async def load(url: str, clients: int, requests: int, seed0: int) -> tuple[float
         return time.perf_counter() - start, images, latencies
 
 
-def paired_overhead(url: str, direct, repeats: int) -> dict:
+def paired_overhead(url: str, direct, repeats: int, pids: dict[str, int]) -> dict:
     """Sequential n=1 HTTP requests alternating with direct sample calls: the p50s and the p50 of the
-    paired differences (HTTP minus direct)."""
+    paired differences (HTTP minus direct). Also the CPU time the proxy, the ingress and the generator
+    replica spend per request, less the direct call's sampling CPU: the work the HTTP path adds,
+    which a loaded machine's waits do not inflate."""
     import httpx
 
-    http_ms, direct_ms = [], []
+    # what the processes use while idle (metrics, health checks, long polls), to take out below
+    idle_start, idle_cpu = time.perf_counter(), {role: cpu_ms(pid) for role, pid in pids.items()}
+    time.sleep(3.0)
+    idle_rate = {role: (cpu_ms(pid) - idle_cpu[role]) / (time.perf_counter() - idle_start)
+                 for role, pid in pids.items()}
+    http_ms, direct_ms, direct_cpu = [], [], []
+    before, t0 = {}, 0.0
     with httpx.Client(timeout=60) as http:
         for i in range(repeats + 3):
+            if i == 3:
+                before, t0 = {role: cpu_ms(pid) for role, pid in pids.items()}, time.perf_counter()
             start = time.perf_counter()
             r = http.post(f"{url}/v1/generate", json={"n": 1, "seed": 10_000 + i, "label": i % len(CLASSES)})
             elapsed = (time.perf_counter() - start) * 1e3
             if r.status_code != 200:
                 raise RuntimeError(f"sequential request failed: {r.status_code} {r.text[:300]}")
-            alone = direct(10_000 + i)
+            alone, cpu = direct(10_000 + i)
             if i >= 3:
                 http_ms.append(elapsed)
                 direct_ms.append(alone)
+                direct_cpu.append(cpu)
+    wall = time.perf_counter() - t0
+    per_request = {role: (cpu_ms(pid) - before[role] - idle_rate[role] * wall) / repeats
+                   for role, pid in pids.items()}
+    if "generator" in per_request:
+        per_request["generator"] -= statistics.mean(direct_cpu)  # its sampling is not overhead
     return {"http_p50_ms": statistics.median(http_ms), "direct_p50_ms": statistics.median(direct_ms),
-            "overhead_p50_ms": statistics.median(h - d for h, d in zip(http_ms, direct_ms))}
+            "overhead_p50_ms": statistics.median(h - d for h, d in zip(http_ms, direct_ms)),
+            "overhead_cpu_ms": per_request}
 
 
 def wait_healthy(url: str, timeout: float = 180.0) -> None:
@@ -162,7 +212,7 @@ def wait_healthy(url: str, timeout: float = 180.0) -> None:
     raise RuntimeError(f"the app at {url} did not become healthy in {timeout:g} s")
 
 
-def run_mode(url: str, model: Path, merge: bool, args, direct) -> dict:
+def run_mode(url: str, model: Path, merge: bool, args, direct, scratch: Path) -> dict:
     from ray import serve
 
     from raygen.serving.app import APP_NAME, AppArgs, plan_app
@@ -184,7 +234,7 @@ def run_mode(url: str, model: Path, merge: bool, args, direct) -> dict:
               "forward_calls": calls, "images_per_forward": (after["images"] - before["images"]) / max(calls, 1),
               "replica_cpus": plan.sizing.replica_cpus}
     if merge:
-        result.update(paired_overhead(url, direct, args.sequential))
+        result.update(paired_overhead(url, direct, args.sequential, serve_processes(scratch)))
     serve.delete(APP_NAME)
     return result
 
@@ -219,8 +269,8 @@ def main(argv=None) -> int:
         serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 125},
                     proxy_location="HeadOnly")
         url = f"http://127.0.0.1:{port}"
-        on = run_mode(url, model, True, args, direct)
-        off = run_mode(url, model, False, args, direct)
+        on = run_mode(url, model, True, args, direct, scratch)
+        off = run_mode(url, model, False, args, direct, scratch)
     finally:
         if ray.is_initialized():
             serve.shutdown()
@@ -241,6 +291,10 @@ def main(argv=None) -> int:
     print(f"ratio on/off: {ratio:.2f}x (target >= {TARGET_RATIO:g}x)")
     print(f"p50 overhead of HTTP over a direct sample call: {overhead:.1f} ms (paired; HTTP p50 "
           f"{on['http_p50_ms']:.1f} ms, direct p50 {on['direct_p50_ms']:.1f} ms; target <= {TARGET_OVERHEAD_MS:g} ms)")
+    cpu = on["overhead_cpu_ms"]
+    if cpu:
+        parts = ", ".join(f"{role} {ms:.2f}" for role, ms in sorted(cpu.items()))
+        print(f"CPU the HTTP path adds per request: {sum(cpu.values()):.2f} ms ({parts}; load-independent)")
     if args.out:
         args.out.write_text(json.dumps({"args": {k: (str(v) if isinstance(v, Path) else v)
                                                  for k, v in vars(args).items()},

@@ -108,11 +108,10 @@ def test_sample_writes_a_deterministic_grid(digits_model, tmp_path, capfd):
     assert rc == 0, err
     assert f"wrote 6 image(s) to {grid}" in out
     image = Image.open(grid)
-    # 6 images -> 3 columns x 2 rows of 8px cells with 1px borders, upscaled 128 // 8 = 16x
-    assert (image.format, image.mode, image.size) == ("PNG", "L", ((3 * 9 + 1) * 16, (2 * 9 + 1) * 16))
+    # 6 images -> 3 columns x 2 rows of 8px cells enlarged 128 // 8 = 16x, with 2px borders (raygen.images.grid)
+    assert (image.format, image.mode, image.size) == ("PNG", "L", (3 * 128 + 4 * 2, 2 * 128 + 3 * 2))
     pixels = np.asarray(image)
-    cells = [pixels[16 * (1 + 9 * r): 16 * (9 + 9 * r), 16 * (1 + 9 * c): 16 * (9 + 9 * c)]
-             for r in range(2) for c in range(3)]
+    cells = [pixels[2 + 130 * r: 130 * (r + 1), 2 + 130 * c: 130 * (c + 1)] for r in range(2) for c in range(3)]
     assert len({cell.tobytes() for cell in cells}) == 6  # six different samples, not one repeated
 
     def sample(name, *extra):
