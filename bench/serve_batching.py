@@ -16,7 +16,8 @@ its own seeds and labels back to back; images/s is images over wall time
 after a warm-up. The printed ratio is on/off.
 
 Overhead: sequential n=1 requests over HTTP (JSON body, base64 PNG answer;
-proxy -> ingress -> generator replica) alternate with direct `model.sample`
+proxy -> the model's replica, which holds the front door when one model is
+served) alternate with direct `model.sample`
 calls of one image in this process (one thread, like a replica, whose CPU
 share sets one sampling thread), so both see the same load on a shared
 machine; the overhead is the median of the paired differences.
@@ -87,13 +88,13 @@ def _processes() -> dict[int, tuple[int, str]]:
 
 
 def serve_processes(scratch: Path) -> dict[str, int]:
-    """The pids of this run's Serve proxy, ingress and generator replicas (children of its own raylet)."""
+    """The pids of this run's Serve proxy and model replica (children of its own raylet)."""
     procs = _processes()
     raylets = {pid for pid, (_, cmd) in procs.items() if "raylet" in cmd.split(" ")[0] and str(scratch) in cmd}
     found = {}
     for pid, (ppid, cmd) in procs.items():
         if ppid in raylets:
-            for role, title in (("proxy", "ProxyActor"), ("ingress", ":ingress"), ("generator", ":generator-")):
+            for role, title in (("proxy", "ProxyActor"), ("replica", ":model-")):
                 if title in cmd.split(" ")[0]:
                     found[role] = pid
     return found
@@ -162,9 +163,9 @@ async def load(url: str, clients: int, requests: int, seed0: int) -> tuple[float
 
 def paired_overhead(url: str, direct, repeats: int, pids: dict[str, int]) -> dict:
     """Sequential n=1 HTTP requests alternating with direct sample calls: the p50s and the p50 of the
-    paired differences (HTTP minus direct). Also the CPU time the proxy, the ingress and the generator
-    replica spend per request, less the direct call's sampling CPU: the work the HTTP path adds,
-    which a loaded machine's waits do not inflate."""
+    paired differences (HTTP minus direct). Also the CPU time the proxy and the model's replica
+    spend per request (less their idle rate and the direct call's sampling CPU): the work the HTTP
+    path adds, which a loaded machine's waits do not inflate."""
     import httpx
 
     # what the processes use while idle (metrics, health checks, long polls), to take out below
@@ -191,8 +192,8 @@ def paired_overhead(url: str, direct, repeats: int, pids: dict[str, int]) -> dic
     wall = time.perf_counter() - t0
     per_request = {role: (cpu_ms(pid) - before[role] - idle_rate[role] * wall) / repeats
                    for role, pid in pids.items()}
-    if "generator" in per_request:
-        per_request["generator"] -= statistics.mean(direct_cpu)  # its sampling is not overhead
+    if "replica" in per_request:
+        per_request["replica"] -= statistics.mean(direct_cpu)  # its sampling is not overhead
     return {"http_p50_ms": statistics.median(http_ms), "direct_p50_ms": statistics.median(direct_ms),
             "overhead_p50_ms": statistics.median(h - d for h, d in zip(http_ms, direct_ms)),
             "overhead_cpu_ms": per_request}
@@ -223,7 +224,7 @@ def run_mode(url: str, model: Path, merge: bool, args, direct, scratch: Path) ->
     serve.run(app, name=APP_NAME, route_prefix="/")
     wait_healthy(url)
     asyncio.run(load(url, args.clients, 2 * args.clients, seed0=1_000_000))  # warm-up, untimed
-    handle = serve.get_deployment_handle("generator-bench", app_name=APP_NAME)
+    handle = serve.get_deployment_handle("model-bench", app_name=APP_NAME)
     before = handle.stats.remote().result()
     seconds, images, latencies = asyncio.run(load(url, args.clients, args.requests, seed0=0))
     after = handle.stats.remote().result()

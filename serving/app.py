@@ -252,7 +252,7 @@ def _floor(x: float, step: float = 0.01) -> float:
 
 
 def size_replicas(args: AppArgs, *, generator_replicas: int, scorer: bool, total_cpus: float, free_cpus: float,
-                  total_gpus: float = 0.0, where: str = "the Ray cluster") -> Sizing:
+                  total_gpus: float = 0.0, where: str = "the Ray cluster", ingress: bool = True) -> Sizing:
     """CPUs per generator replica and for the scorer, so that every replica can be placed.
 
     A replica asks for 1 CPU unless told otherwise; when the free CPUs cannot hold
@@ -260,8 +260,9 @@ def size_replicas(args: AppArgs, *, generator_replicas: int, scorer: bool, total
     share what is free equally (fractions of a CPU: sampling threads are set
     from it, not capped by it). Given values that cannot fit, or shares too
     small to be useful, are refused at once with the CPUs needed and available,
-    instead of replicas that wait forever to be scheduled."""
-    ingress = args.ingress_cpus
+    instead of replicas that wait forever to be scheduled. ingress=False: no
+    separate ingress replica (one model: its replicas hold the front door)."""
+    ingress = args.ingress_cpus if ingress else 0.0
     fixed, units = ingress, 0
     if args.replica_cpus is None:
         units += generator_replicas
@@ -282,7 +283,8 @@ def size_replicas(args: AppArgs, *, generator_replicas: int, scorer: bool, total
     parts = [f"{generator_replicas} generator replica(s) x {replica:g}"]
     if scorer:
         parts.append(f"scorer {scorer_cpus:g}")
-    parts.append(f"ingress {ingress:g}")
+    if ingress:
+        parts.append(f"ingress {ingress:g}")
     have = f"{where} has {total_cpus:g} CPUs ({free_cpus:g} free)"
     if args.check_resources:
         if units and share < 0.05:
@@ -310,16 +312,46 @@ def bind_app(plan: AppPlan, *, resources: Optional[tuple] = None, merge: bool = 
     """Size the replicas to the cluster and bind the deployments. Returns the Serve Application.
 
     resources: (total CPUs, free CPUs, total GPUs, where); default `cluster_resources()`."""
-    from raygen.serving.deployments import GeneratorServer, ScorerServer
+    from raygen.serving.deployments import GeneratorServer, ModelServer, ScorerServer
     from raygen.serving.ingress import Ingress
 
     args, spec, entries = plan.args, plan.serve, plan.models
     total, free, gpus, where = resources or cluster_resources()
     sizing = size_replicas(args, generator_replicas=len(entries) * spec.replicas, scorer=plan.reranking == "ready",
-                           total_cpus=total, free_cpus=free, total_gpus=gpus, where=where)
+                           total_cpus=total, free_cpus=free, total_gpus=gpus, where=where, ingress=len(entries) > 1)
     plan.sizing = sizing
     if sizing.note and sizing.note not in plan.notes:
         plan.notes.append(sizing.note)
+
+    scorer = None
+    if plan.reranking == "ready":
+        scorer = ScorerServer.options(
+            name="scorer",
+            max_ongoing_requests=4,
+            max_queued_requests=spec.max_queued_requests,
+            ray_actor_options={"num_cpus": sizing.scorer_cpus, "num_gpus": args.scorer_gpus},
+            max_constructor_retry_count=3,
+        ).bind(args.scorer, args.scorer_loader, tracking_uri=plan.tracking_uri, imports=plan.imports,
+               use_gpu=args.scorer_gpus > 0)
+    # The front door only awaits, so it admits more than the models together can hold: overload is
+    # then refused by a model's bounded queue as the app's JSON 503, not by the proxy in plain text
+    # (the proxy's own queue check races under bursts and refuses early when its bound is tiny).
+    ingress_limit = max(32, 2 * len(entries) * (spec.max_queued_requests + 2 * spec.max_batch_size * spec.replicas))
+    if len(entries) == 1:
+        # one model: the front door and the model share each replica (one Ray hop less per request)
+        entry = entries[0]
+        return ModelServer.options(
+            name=f"model-{entry.name}",
+            num_replicas=spec.replicas,
+            max_ongoing_requests=ingress_limit,
+            max_queued_requests=ingress_limit,
+            ray_actor_options={"num_cpus": sizing.replica_cpus, "num_gpus": args.replica_gpus},
+            max_constructor_retry_count=3,
+        ).bind(entry.name, entry.uri, scorer, card=entry.card, tracking_uri=plan.tracking_uri, imports=plan.imports,
+               max_batch_size=spec.max_batch_size, batch_wait_timeout_s=spec.batch_wait_timeout_s,
+               max_queued_requests=spec.max_queued_requests, replicas=spec.replicas,
+               use_gpu=args.replica_gpus > 0, max_n=spec.max_n, request_timeout_s=spec.request_timeout_s,
+               reranking=plan.reranking, merge=merge)
 
     generators = {}
     for entry in entries:
@@ -334,20 +366,6 @@ def bind_app(plan: AppPlan, *, resources: Optional[tuple] = None, merge: bool = 
         ).bind(entry.name, entry.uri, tracking_uri=plan.tracking_uri, imports=plan.imports,
                max_batch_size=spec.max_batch_size, batch_wait_timeout_s=spec.batch_wait_timeout_s,
                replicas=spec.replicas, use_gpu=args.replica_gpus > 0, merge=merge)
-    scorer = None
-    if plan.reranking == "ready":
-        scorer = ScorerServer.options(
-            name="scorer",
-            max_ongoing_requests=4,
-            max_queued_requests=spec.max_queued_requests,
-            ray_actor_options={"num_cpus": sizing.scorer_cpus, "num_gpus": args.scorer_gpus},
-            max_constructor_retry_count=3,
-        ).bind(args.scorer, args.scorer_loader, tracking_uri=plan.tracking_uri, imports=plan.imports,
-               use_gpu=args.scorer_gpus > 0)
-    # The ingress only awaits, so it admits more than all generators together can hold: overload is
-    # then refused by a generator's bounded queue as the app's JSON 503, not by the proxy in plain text
-    # (the proxy's own queue check races under bursts and refuses early when its bound is tiny).
-    ingress_limit = max(32, 2 * len(entries) * (spec.max_queued_requests + 2 * spec.max_batch_size * spec.replicas))
     return Ingress.options(
         name="ingress",
         max_ongoing_requests=ingress_limit,

@@ -134,8 +134,14 @@ class ContinuousBatcher:
         self.max_batch_size = max_batch_size
         self.wait_s = batch_wait_timeout_s
         self._pending: list[tuple[float, Any, asyncio.Future]] = []
+        self._running = 0
         self._arrived: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
+
+    @property
+    def in_flight(self) -> int:
+        """Requests queued or in the batch that runs now."""
+        return len(self._pending) + self._running
 
     async def submit(self, item: Any) -> Any:
         loop = asyncio.get_running_loop()
@@ -165,11 +171,14 @@ class ContinuousBatcher:
             del self._pending[:self.max_batch_size]
             if not batch:
                 continue
+            self._running = len(batch)
             try:
                 # torch work runs off the event loop so health checks and new requests are not blocked
                 results = await asyncio.to_thread(self.run, [item for _, item, _ in batch])
             except Exception as err:  # noqa: BLE001 - every caller of the batch hears of it
                 results = [err] * len(batch)
+            finally:
+                self._running = 0
             for (_, _, future), result in zip(batch, results):
                 if not future.done():
                     if isinstance(result, Exception):
@@ -178,38 +187,135 @@ class ContinuousBatcher:
                         future.set_result(result)
 
 
+class QueueFull(Exception):
+    """A model's queue holds serve.max_queued_requests already: the request is refused (503)."""
+
+
+def load_sampler(name: str, uri: str, *, tracking_uri: str | None, imports: list[str], use_gpu: bool,
+                 merge: bool) -> tuple[BatchSampler, dict[str, Any]]:
+    """Load a model in a replica: its BatchSampler and its card (`loading.model_card`) plus the device."""
+    import torch
+
+    from raygen.exports import load_generator
+    from raygen.serving.loading import import_modules, model_card
+
+    import_modules(imports)
+    loaded = load_generator(uri, tracking_uri)
+    device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+    model = loaded.model.to(device).eval()
+    logger.info("generator %s loaded from %s on %s", name, uri, device)
+    return BatchSampler(model, name=name, device=device, merge=merge), {**model_card(loaded, name=name),
+                                                                       "device": device}
+
+
+def sampler_stats(sampler: BatchSampler) -> dict[str, int]:
+    return {"batches": sampler.batches, "forward_calls": sampler.forward_calls, "requests": sampler.jobs_done,
+            "images": sampler.images_done}
+
+
 @serve.deployment
 class GeneratorServer:
+    """One model's replica behind the ingress (an app serving several models)."""
+
     def __init__(self, name: str, uri: str, *, tracking_uri: str | None, imports: list[str],
                  max_batch_size: int, batch_wait_timeout_s: float, replicas: int, use_gpu: bool,
                  merge: bool = True):
-        import torch
-
-        from raygen.exports import load_generator
-        from raygen.serving.loading import import_modules, model_card
-
-        import_modules(imports)
-        loaded = load_generator(uri, tracking_uri)
-        self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-        model = loaded.model.to(self.device).eval()
-        self.sampler = BatchSampler(model, name=name, device=self.device, merge=merge)
+        self.sampler, info = load_sampler(name, uri, tracking_uri=tracking_uri, imports=imports, use_gpu=use_gpu,
+                                          merge=merge)
         self.batcher = ContinuousBatcher(self.sampler.run, max_batch_size=max_batch_size,
                                          batch_wait_timeout_s=batch_wait_timeout_s)
-        self._info = {**model_card(loaded, name=name), "device": self.device, "replicas": replicas}
-        logger.info("generator %s loaded from %s on %s", name, uri, self.device)
+        self._info = {**info, "replicas": replicas}
 
     async def info(self) -> dict[str, Any]:
         return self._info
 
     async def stats(self) -> dict[str, int]:
         """Counters since start: batches, model.sample calls, and the requests and images they sampled."""
-        s = self.sampler
-        return {"batches": s.batches, "forward_calls": s.forward_calls, "requests": s.jobs_done,
-                "images": s.images_done}
+        return sampler_stats(self.sampler)
 
     async def generate(self, job: SampleJob) -> dict[str, Any]:
         """Returns {"images": uint8 [n, H, W, C], "seeds", "sample_ms", "batch_images"} or {"error", "status"}."""
         return await self.batcher.submit(job)
+
+
+class _LocalCall:
+    """An in-process call shaped like Serve's DeploymentResponse: awaitable and cancellable."""
+
+    def __init__(self, coro):
+        self._task = asyncio.ensure_future(coro)
+
+    def __await__(self):
+        return self._task.__await__()
+
+    def cancel(self) -> None:
+        self._task.cancel()  # a request still queued in the batcher is then dropped unsampled
+
+
+class _LocalMethod:
+    def __init__(self, fn):
+        self._fn = fn
+
+    def remote(self, *args):
+        return _LocalCall(self._fn(*args))
+
+
+class LocalGenerator:
+    """A model in the ingress's own process, with a deployment handle's shape
+    (`.generate.remote(job)`, `.info.remote()`) for `ingress.Frontend`.
+
+    At most `max_in_flight` requests queue or run (2 x max_batch_size plus
+    serve.max_queued_requests, as for a separate generator replica); more
+    are refused with `QueueFull`."""
+
+    def __init__(self, batcher: ContinuousBatcher, info: dict[str, Any], *, max_in_flight: int):
+        self.batcher = batcher
+        self.max_in_flight = max_in_flight
+        self._info = info
+        self.generate = _LocalMethod(self._generate)
+        self.info = _LocalMethod(self._describe)
+
+    async def _generate(self, job: SampleJob) -> dict[str, Any]:
+        if self.batcher.in_flight >= self.max_in_flight:
+            raise QueueFull(f"{self.batcher.in_flight} requests queued or running")
+        return await self.batcher.submit(job)
+
+    async def _describe(self) -> dict[str, Any]:
+        return self._info
+
+
+@serve.deployment
+@serve.ingress()
+class ModelServer:
+    """An app serving ONE model: the HTTP front door and the model share each replica.
+
+    The same `Frontend` as the separate ingress, with the model as a
+    `LocalGenerator`: a request makes one Ray hop (proxy -> replica) instead
+    of two (proxy -> ingress -> generator), which on 2 CPU cores is most of
+    the HTTP path's overhead. Replicas scale the model and its front door
+    together."""
+
+    def __init__(self, name: str, uri: str, scorer: Any, *, card: dict, tracking_uri: str | None,
+                 imports: list[str], max_batch_size: int, batch_wait_timeout_s: float, max_queued_requests: int,
+                 replicas: int, use_gpu: bool, max_n: int, request_timeout_s: float, reranking: str,
+                 merge: bool = True):
+        from raygen.serving.ingress import Frontend
+
+        self.sampler, info = load_sampler(name, uri, tracking_uri=tracking_uri, imports=imports, use_gpu=use_gpu,
+                                          merge=merge)
+        batcher = ContinuousBatcher(self.sampler.run, max_batch_size=max_batch_size,
+                                    batch_wait_timeout_s=batch_wait_timeout_s)
+        local = LocalGenerator(batcher, {**info, "replicas": replicas},
+                               max_in_flight=2 * max_batch_size + max_queued_requests)
+        self.front = Frontend({name: local}, scorer, cards=[card], default_model=name, max_n=max_n,
+                              request_timeout_s=request_timeout_s, reranking=reranking)
+
+    async def stats(self) -> dict[str, int]:
+        return sampler_stats(self.sampler)
+
+    def __serve_build_asgi_app__(self):
+        from raygen.serving.ingress import make_api
+
+        return make_api(self.front)
 
 
 @serve.deployment

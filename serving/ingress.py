@@ -27,6 +27,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from raygen.images import grid, png_base64, png_bytes
+from raygen.serving.deployments import QueueFull
 from raygen.serving.requests import RequestError, ServedModel, resolve
 from raygen.serving.schema import ErrorBody, GenerateResponse, HealthResponse, ModelsResponse, request_schemas
 
@@ -126,7 +127,7 @@ class Frontend:
                 images, seeds = images[:plan.keep], seeds[:plan.keep]
         except asyncio.TimeoutError:
             return error(504, f"generation did not finish within {self.timeout:g} s (serve.request_timeout_s)")
-        except BackPressureError:
+        except (BackPressureError, QueueFull):
             return error(503, "the server is busy: the model's queue is full (serve.max_queued_requests); retry shortly",
                          headers={"Retry-After": "1"})
         except DeploymentUnavailableError as err:

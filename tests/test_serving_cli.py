@@ -42,19 +42,22 @@ def wait_healthy(proc: subprocess.Popen, url: str, log, timeout: float = 150.0) 
     pytest.fail(f"raygen serve did not become healthy in {timeout} s:\n{log.read_text()[-4000:]}")
 
 
-@pytest.mark.timeout(600)  # two models and their replicas start on a loaded 2-core machine
-def test_cli_serves_and_stops_on_sigterm(tmp_path):
+# one model: its replica holds the front door (ModelServer); two: an ingress routes to generator replicas
+@pytest.mark.timeout(600)  # the replicas start on a loaded 2-core machine
+@pytest.mark.parametrize("models", [1, 2], ids=["one-model", "two-models"])
+def test_cli_serves_and_stops_on_sigterm(tmp_path, models):
     model = toy.export_toy(tmp_path / "model", name="cli-toy", resolution=8, channels=1, num_classes=2,
                            class_names=["on", "off"], conditioning="label", run_id="cli-run")
     second = toy.export_toy(tmp_path / "second", name="second", resolution=8, channels=1)
+    given = ["--model", str(model)] + (["--model", str(second)] if models == 2 else [])
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own embedded cluster
     log = tmp_path / "serve.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            # two models and no --replica-cpus: on a 2-core machine 1 CPU each never fits; they get shares
-            [sys.executable, "-m", "raygen.jobs.cli", "serve", "--model", str(model), "--model", str(second),
+            # no --replica-cpus: on a 2-core machine two models at 1 CPU each never fit; they get shares
+            [sys.executable, "-m", "raygen.jobs.cli", "serve", *given,
              "--port", str(port), "--import", toy.FILE, "--set", "serve.max_n=4",
              # a tiny queue and a short timeout, so overload and slowness can be shown
              "--set", "serve.max_batch_size=1", "--set", "serve.max_queued_requests=1",
@@ -64,9 +67,13 @@ def test_cli_serves_and_stops_on_sigterm(tmp_path):
         wait_healthy(proc, url, log, timeout=300.0)
         printed = log.read_text()
         assert f"at {url}" in printed and "cli-toy: servetoy, 8x8x1, 2 classes, run cli-run" in printed
-        assert "2 model(s)" in printed and "second: servetoy, 8x8x1, unconditional" in printed
+        assert f"{models} model(s)" in printed
         share = float(printed.split("replica(s) per model at ")[1].split()[0])
         assert 0 < share <= 1
+        if models == 2:
+            assert "second: servetoy, 8x8x1, unconditional" in printed
+            other = httpx.post(url + "/v1/generate", json={"model": "second", "n": 3, "seed": 4}, timeout=60)
+            assert other.status_code == 200 and [i["seed"] for i in other.json()["images"]] == [4, 5, 6]
 
         r = httpx.post(url + "/v1/generate", json={"n": 2, "label": "off", "seed": 0}, timeout=60)
         assert r.status_code == 200, r.text

@@ -317,13 +317,13 @@ class _Method:
         return _Call(self.fn, *args)
 
 
-class StandIn:
-    """A deployment handle's shape (`.generate.remote`, `.info.remote`) over an in-process BatchSampler."""
+def local(name, max_in_flight=64):
+    """The model in process, as a one-model app's replica holds it (`LocalGenerator`)."""
+    from raygen.serving.deployments import ContinuousBatcher, LocalGenerator
 
-    def __init__(self, name):
-        sampler = BatchSampler(LOADED[name].model, name=name)
-        self.generate = _Method(lambda job: sampler.run([job])[0])
-        self.info = _Method(lambda: {**CARDS[name], "device": "cpu", "replicas": 1})
+    batcher = ContinuousBatcher(BatchSampler(LOADED[name].model, name=name).run, max_batch_size=4,
+                                batch_wait_timeout_s=0.0)
+    return LocalGenerator(batcher, {**CARDS[name], "device": "cpu", "replicas": 1}, max_in_flight=max_in_flight)
 
 
 class StandInScorer:
@@ -343,7 +343,7 @@ def api():
 
     from raygen.serving.ingress import Frontend, make_api
 
-    front = Frontend({name: StandIn(name) for name in CARDS}, StandInScorer(), cards=list(CARDS.values()),
+    front = Frontend({name: local(name) for name in CARDS}, StandInScorer(), cards=list(CARDS.values()),
                      default_model="cls", max_n=8, request_timeout_s=30, reranking="ready")
     with TestClient(make_api(front)) as client:
         yield client
@@ -390,6 +390,18 @@ def test_models_route_lists_the_cards(api):
     seq = {m["name"]: m for m in body["models"]}["seq"]
     assert seq["params"] == CARDS["seq"]["params"] and seq["condition"]["schema"] == CARDS["seq"]["condition"]["schema"]
     assert (seq["device"], seq["family"], seq["parameters"]) == ("cpu", "seqimg", CARDS["seq"]["parameters"])
+
+
+def test_a_full_queue_is_a_json_503():
+    from fastapi.testclient import TestClient
+
+    from raygen.serving.ingress import Frontend, make_api
+
+    front = Frontend({"plain": local("plain", max_in_flight=0)}, None, cards=[CARDS["plain"]],
+                     default_model="plain", max_n=8, request_timeout_s=30, reranking="off")
+    with TestClient(make_api(front)) as client:
+        r = client.post("/v1/generate", json={"seed": 1})
+    assert r.status_code == 503 and r.headers["retry-after"] == "1" and "max_queued_requests" in r.json()["error"]
 
 
 def _request_schema(api) -> dict:
