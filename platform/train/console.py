@@ -169,7 +169,12 @@ def library_logs_to(path: Path, verbose: bool) -> Iterator[None]:
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     saved = []
-    for name in LIBRARY_LOGGERS:
+    # the libraries' top loggers, and any logger of theirs with handlers of its own (ray.data has)
+    names = list(LIBRARY_LOGGERS) + sorted(
+        name for name, logger in list(logging.root.manager.loggerDict.items())
+        if isinstance(logger, logging.Logger) and logger.handlers and name not in LIBRARY_LOGGERS
+        and any(name.startswith(prefix + ".") for prefix in LIBRARY_LOGGERS))
+    for name in names:
         logger = logging.getLogger(name)
         saved.append((logger, list(logger.handlers), logger.propagate))
         logger.handlers = [handler] + (list(logger.handlers) if verbose else [])
