@@ -44,7 +44,7 @@ def ray_session():
 def stop_own_ray_processes(temp_dir: Path, timeout: float = 15.0) -> list[int]:
     """Stop what is left of this session's Ray cluster, by pid: the processes
     whose command line names its unique temp folder, and their children.
-    Never `ray stop --force`: that kills every Ray process on the machine,
+    Never the forced `ray stop`: that kills every Ray process on the machine,
     a concurrent run's or test session's too."""
     import psutil
 
