@@ -132,9 +132,8 @@ class ContinuousBatcher:
     of 0 it averaged 1.07 requests. Requests cancelled while queued (a caller's
     timeout) are dropped before sampling."""
 
-    def __init__(self, run, *, max_batch_size: int, batch_wait_timeout_s: float, inline: bool = False):
-        self.run = run  # list of items -> list of results
-        self.inline = inline
+    def __init__(self, run, *, max_batch_size: int, batch_wait_timeout_s: float):
+        self.run = run  # list of items -> list of results, run in a worker thread
         self.max_batch_size = max_batch_size
         self.wait_s = batch_wait_timeout_s
         self._pending: list[tuple[float, Any, asyncio.Future]] = []
@@ -176,12 +175,9 @@ class ContinuousBatcher:
             if not batch:
                 continue
             self._running = len(batch)
-            items = [item for _, item, _ in batch]
             try:
-                if self.inline:
-                    results = self.run(items)
-                else:
-                    results = await asyncio.to_thread(self.run, items)
+                # torch work runs off the event loop so health checks and new requests are not blocked
+                results = await asyncio.to_thread(self.run, [item for _, item, _ in batch])
             except Exception as err:  # noqa: BLE001 - every caller of the batch hears of it
                 results = [err] * len(batch)
             finally:
@@ -192,7 +188,6 @@ class ContinuousBatcher:
                         future.set_exception(result)
                     else:
                         future.set_result(result)
-            await asyncio.sleep(0)  # let the finished requests answer, and new ones queue, before the next batch
 
 
 class QueueFull(Exception):

@@ -5,7 +5,6 @@ the CLI's flags."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import io
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,10 +17,10 @@ import yaml
 from PIL import Image
 
 import test_serving_family as toy
+from raygen.images import grid, png_bytes, to_uint8
 from raygen.models import DataInfo, build_model
 from raygen.serving.app import AppArgs, ResourceError, _scorer_available, resolve_serve_spec, size_replicas
 from raygen.serving.deployments import BatchSampler
-from raygen.images import grid, png_bytes, to_uint8
 from raygen.serving.loading import model_card, parse_model_arg
 from raygen.serving.requests import RequestError, SampleJob, ServedModel, resolve
 from raygen.serving.schema import MAX_SEED
@@ -347,10 +346,6 @@ def api():
                      default_model="cls", max_n=8, request_timeout_s=30, reranking="ready")
     with TestClient(make_api(front)) as client:
         yield client
-
-
-def _decode(b64):
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))))
 
 
 def test_http_generate_returns_a_seed_per_image(api):
