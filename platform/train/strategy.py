@@ -56,6 +56,19 @@ def batch_to_device(batch: dict[str, Any], device: torch.device) -> dict[str, An
     return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
+#: the columns that hold one row per record, in the order a batch is counted by
+ROW_COLUMNS = ("image", "latent")
+
+
+def batch_rows(batch: dict[str, Any]) -> int:
+    """How many records a batch holds: its "image" rows, or its "latent" rows
+    for a latent dataset (raygen.data.latents)."""
+    for name in ROW_COLUMNS:
+        if name in batch:
+            return int(batch[name].shape[0])
+    raise KeyError(f"a batch needs one of the columns {ROW_COLUMNS}; it has {sorted(batch)}")
+
+
 def all_ranks_true(flag: bool) -> bool:
     """True only when `flag` holds on every rank (one tiny all-reduce)."""
     if not (dist.is_available() and dist.is_initialized()):

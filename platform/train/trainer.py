@@ -24,7 +24,7 @@ from raygen.train.checkpoint import (CheckpointManager, capture_rng, load_hook_s
                                      save_hook_state, save_torch)
 from raygen.train.console import say
 from raygen.train.hooks import Hook
-from raygen.train.strategy import Strategy, all_ranks_true, barrier, batch_to_device, collective_device
+from raygen.train.strategy import Strategy, all_ranks_true, barrier, batch_rows, batch_to_device, collective_device
 
 
 class BatchSource(Protocol):
@@ -239,7 +239,7 @@ class Trainer:
             tw = time.perf_counter()
             batch = next(stream)
             data_wait += time.perf_counter() - tw
-            images += batch["image"].shape[0]
+            images += batch_rows(batch)
             batch = batch_to_device(batch, self.strategy.device)
             out = self.strategy.forward(batch)
             loss = out["loss"]
@@ -271,7 +271,7 @@ class Trainer:
             tw = time.perf_counter()
             batch = next(stream)
             data_wait += time.perf_counter() - tw
-            images += batch["image"].shape[0]
+            images += batch_rows(batch)
             total = strategy.add(total, strategy.statistics(batch_to_device(batch, strategy.device)))
         finite = all(bool(torch.isfinite(v).all()) for v in total.values() if v.is_floating_point())
         metrics: dict[str, float] = {"lr": 0.0, "data_wait_s": data_wait}

@@ -5,7 +5,7 @@ from typing import Any, Iterable
 
 import torch
 
-from raygen.train.strategy import batch_to_device
+from raygen.train.strategy import batch_rows, batch_to_device
 
 
 @torch.no_grad()
@@ -16,7 +16,7 @@ def validation_sums(model, batches: Iterable[dict[str, Any]]) -> torch.Tensor:
     device = first.device if first is not None else torch.device("cpu")
     for batch in batches:
         batch = batch_to_device(batch, device)
-        n = batch["image"].shape[0]
+        n = batch_rows(batch)
         loss += float(model.training_step(batch)["loss"]) * n
         bpd = model.bits_per_dim(batch)
         if bpd is not None:
