@@ -15,7 +15,8 @@ def register(sub) -> None:
     p.add_argument("model", help="run folder, checkpoint folder, exported model folder or models:/NAME/VERSION")
     p.add_argument("-n", type=int, default=16, help="images to return (default 16)")
     p.add_argument("--label", help="class index or name, any case (class-conditional models)")
-    p.add_argument("--caption", help="prompt (caption-conditional models, and for --best-of scoring)")
+    p.add_argument("--caption", "--prompt", dest="caption",
+                   help="prompt (caption-conditional models, and for --best-of scoring); --prompt is the same flag")
     p.add_argument("--scene", metavar="JSON|@FILE", help="scene for scene-conditional models: "
                    '{"objects": [{field: number, ...}], "globals": {...}}, inline or @file.json')
     p.add_argument("--image", metavar="PATH", help="input image (PNG/JPEG) for image-conditional models")
@@ -102,8 +103,8 @@ def run(args) -> int:
     except ConditionError as err:
         raise UserError(f"--{err.field}: {err.message}") from None
     m = args.best_of or 1
-    rerank_text = args.caption or (info.class_names[one.values[0]] if kind == "label" and one.values[0] is not None
-                                   and info.class_names else None)
+    texts = one.texts(info)  # a label is scored by its class name
+    rerank_text = args.caption or (texts[0] if texts else None)
     if m > 1 and not (args.scorer and rerank_text):
         raise UserError("--best-of needs --scorer (a CLIP model) and --caption (the prompt to score against; "
                         "a class-conditional model with class names uses its --label's name)")

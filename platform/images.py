@@ -77,9 +77,52 @@ def grid(images: np.ndarray, *, nrow: int | None = None, pad: int = 2, fill: int
     return out
 
 
-def make_grid(images: ArrayLike, *, nrow: int | None = None, pad: int = 2, upscale: int = 1) -> np.ndarray:
-    """Float [N, C, H, W] in [0, 1] -> one uint8 [H', W', C] grid."""
-    return grid(to_uint8(images), nrow=nrow, pad=pad, upscale=upscale)
+#: pixel height of the caption strip under a captioned grid cell
+CAPTION_HEIGHT = 14
+
+
+def _fit_text(draw, text: str, font, width: int) -> str:
+    """`text`, cut with an ellipsis so that it fits `width` pixels."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "…", font=font) > width:
+        text = text[:-1]
+    return text + "…" if text else ""
+
+
+def caption_cells(images: np.ndarray, captions: list[str]) -> np.ndarray:
+    """uint8 [n, H, W, C] -> uint8 [n, H + CAPTION_HEIGHT, W, C]: each image
+    with its caption (cut to the image's width) on a dark strip under it."""
+    from PIL import ImageDraw, ImageFont
+
+    images = np.asarray(images)
+    if len(captions) != images.shape[0]:
+        raise ValueError(f"give one caption per image: {len(captions)} captions for {images.shape[0]} images")
+    n, h, w, c = images.shape
+    font = ImageFont.load_default(size=CAPTION_HEIGHT - 3)
+    out = np.zeros((n, h + CAPTION_HEIGHT, w, c), dtype=np.uint8)
+    out[:, :h] = images
+    for i, text in enumerate(captions):
+        strip = Image.new("L", (w, CAPTION_HEIGHT), 0)
+        draw = ImageDraw.Draw(strip)
+        draw.text((1, 1), _fit_text(draw, str(text), font, w - 2), fill=255, font=font)
+        out[i, h:] = np.asarray(strip)[..., None]  # white text in every channel
+        if c == 4:
+            out[i, h:, :, 3] = 255  # an opaque strip
+    return out
+
+
+def make_grid(images: ArrayLike, *, nrow: int | None = None, pad: int = 2, upscale: int = 1,
+              captions: list[str] | None = None) -> np.ndarray:
+    """Float [N, C, H, W] in [0, 1] -> one uint8 [H', W', C] grid; with
+    `captions`, each image's caption is written under it (after upscaling,
+    so the text stays legible)."""
+    cells = to_uint8(images)
+    if captions is None:
+        return grid(cells, nrow=nrow, pad=pad, upscale=upscale)
+    if upscale > 1:
+        cells = cells.repeat(upscale, axis=1).repeat(upscale, axis=2)
+    return grid(caption_cells(cells, captions), nrow=nrow, pad=pad)
 
 
 def upscale_for(height: int, width: int, target: int = 128) -> int:
@@ -115,6 +158,7 @@ def save_png(image: np.ndarray, path: str | Path) -> Path:
     return path
 
 
-def save_grid(images: ArrayLike, path: str | Path, upscale: int = 1, nrow: int | None = None) -> Path:
-    """Float [N, C, H, W] in [0, 1] -> a grid PNG at `path`."""
-    return save_png(make_grid(images, nrow=nrow, upscale=upscale), path)
+def save_grid(images: ArrayLike, path: str | Path, upscale: int = 1, nrow: int | None = None,
+              captions: list[str] | None = None) -> Path:
+    """Float [N, C, H, W] in [0, 1] -> a grid PNG at `path` (captions under the images when given)."""
+    return save_png(make_grid(images, nrow=nrow, upscale=upscale, captions=captions), path)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
@@ -57,6 +58,10 @@ class ConditionKind:
     def from_batch(self, batch: dict[str, Any], info: "DataInfo") -> list[Any]:
         """A data batch -> per-image values (to condition samples on validation data)."""
         raise NotImplementedError
+
+    def text(self, value: Any, info: "DataInfo") -> str | None:
+        """One value as text, for a grid's caption and for CLIP scoring; None: not text-like."""
+        return None
 
 
 class NoneKind(ConditionKind):
@@ -115,6 +120,11 @@ class LabelKind(ConditionKind):
         labels = batch.get("label")
         return [None] * len(batch["image"]) if labels is None else [int(v) for v in labels]
 
+    def text(self, value, info):
+        if value is None:
+            return None
+        return info.class_names[value] if value < len(info.class_names) else f"class {value}"
+
 
 class CaptionKind(ConditionKind):
     name, field = "caption", "caption"
@@ -139,6 +149,9 @@ class CaptionKind(ConditionKind):
         if labels is not None and names:  # a dataset with class names but no captions
             return [names[int(i)] for i in labels]
         return [None] * len(batch["image"])
+
+    def text(self, value, info):
+        return None if value is None else str(value)
 
 
 class SceneKind(ConditionKind):
@@ -171,27 +184,37 @@ class SceneKind(ConditionKind):
         if not objects or (max_len and len(objects) > max_len):
             raise ConditionError(f"scene.objects must hold 1..{max_len or 'any'} objects, got {len(objects)}",
                                  f"{self.field}.objects")
-        rows = [self._row(o, obj_fields, f"{self.field}.objects[{i}]") for i, o in enumerate(objects)]
+        obj_ranges = info.condition_columns[self.objects_column].get("ranges") or {}
+        rows = [self._row(o, obj_fields, f"{self.field}.objects[{i}]", obj_ranges) for i, o in enumerate(objects)]
         glob_fields = self._fields(info, self.globals_column)
+        glob_ranges = (info.condition_columns.get(self.globals_column) or {}).get("ranges") or {}
         globals_ = self._row(value.get("globals") or {}, glob_fields, f"{self.field}.globals",
-                             allow_missing=False) if glob_fields else []
+                             glob_ranges) if glob_fields else []
         return (torch.tensor(rows, dtype=torch.float32), torch.tensor(globals_, dtype=torch.float32))
 
     @staticmethod
-    def _row(obj, fields, where, allow_missing=False):
+    def _row(obj, fields, where, ranges=None):
+        """One object's numbers in field order; the field at fault is named (`scene.objects[1].radius`).
+        `ranges` (field -> [low, high], from the dataset) are the values the model was trained on."""
         if not isinstance(obj, dict):
             raise ConditionError(f"{where} must be an object with fields {', '.join(fields)}", where)
         unknown = sorted(set(obj) - set(fields))
         missing = [f for f in fields if f not in obj]
-        if unknown or (missing and not allow_missing):
+        if unknown or missing:
             raise ConditionError(f"{where}: fields are {', '.join(fields)}"
                                  + (f"; unknown {unknown}" if unknown else "") + (f"; missing {missing}" if missing else ""),
-                                 where)
+                                 f"{where}.{(unknown or missing)[0]}")
         row = []
         for f in fields:
             v = obj[f]
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise ConditionError(f"{where}.{f} must be a number, got {v!r}", f"{where}.{f}")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ConditionError(f"{where}.{f} must be a finite number, got {v!r}", f"{where}.{f}")
+            if f in (ranges or {}):
+                lo, hi = (float(b) for b in ranges[f])
+                slack = 1e-6 * max(1.0, hi - lo)  # stored values are float32 roundings of the drawn ones
+                if not lo - slack <= v <= hi + slack:
+                    raise ConditionError(f"{where}.{f} is {v!r}, outside the trained range [{lo:g}, {hi:g}]",
+                                         f"{where}.{f}")
             row.append(float(v))
         return row
 
@@ -345,6 +368,15 @@ class Conditions:
 
     def __getitem__(self, index: slice) -> "Conditions":
         return Conditions(self.kind, self.values[index])
+
+    def texts(self, info: "DataInfo") -> list[str] | None:
+        """Each image's condition as text (a class name, a caption; "" where unconditioned), for
+        grid captions and CLIP scores; None when the kind is not text-like (none, scene, image)."""
+        kind = get_kind(self.kind)
+        texts = [kind.text(v, info) for v in self.values]
+        if all(t is None for t in texts):
+            return None
+        return ["" if t is None else t for t in texts]
 
     def columns(self, info: "DataInfo", device: torch.device | str = "cpu") -> dict[str, Any]:
         """The batch columns a data batch of this kind has ("label", "caption", "scene", ...)."""

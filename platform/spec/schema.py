@@ -217,6 +217,12 @@ class FIDSpec(Section):
         return data
 
 
+class ClipScoreSpec(Section):
+    scorer: str | None = Field(None, description="CLIP scorer for the CLIP score of label- or caption-conditioned "
+                               "samples, computed with FID on the same samples: hf:PATH (local CLIP weights) or "
+                               "clip:PATH (a model trained with model.family: clip); none: no CLIP score")
+
+
 class TrackSpec(Section):
     tracking_uri: str | None = Field(None, description="default: sqlite:///<run_dir>/mlflow.db")
     experiment: str = "raygen"
@@ -225,6 +231,14 @@ class TrackSpec(Section):
                                           "memory, disk, network; GPU with nvidia-ml-py) logged by rank 0 of each "
                                           "node; 0: none")
     fid: FIDSpec = Field(default_factory=FIDSpec)
+    clip_score: ClipScoreSpec = Field(default_factory=ClipScoreSpec)
+
+    @model_validator(mode="after")
+    def _clip_score_needs_fid(self) -> "TrackSpec":
+        if self.clip_score.scorer and not self.fid.enabled:
+            raise ValueError("track.clip_score.scorer scores FID's samples: set track.fid.enabled: true, or remove "
+                             "track.clip_score.scorer")
+        return self
 
 
 # ---------------------------------------------------------------- tune

@@ -22,6 +22,7 @@ class FIDHook(Hook):
         self.evaluator = None
         self.floor: float | None = None
         self.ref = None
+        self.scorer = None
 
     def on_train_start(self, trainer):
         if trainer.rank != 0:
@@ -35,6 +36,8 @@ class FIDHook(Hook):
         ref = load_split_images(self.data_dir, "val", self.spec.data, limit=self.spec.track.fid.samples)
         self.evaluator = FIDEvaluator(extractor, ref["image"], cache_dir=cache_dir)
         self.ref = ref  # samples are conditioned on these records: label for label, scene for scene
+        from raygen.train.clip_score import load_run_scorer
+        self.scorer = load_run_scorer(self.spec)  # CLIP score of the same samples, when a scorer is named
         train = load_split_images(self.data_dir, "train", self.spec.data, limit=self.evaluator.stats.n)
         self.floor = fid_floor(train["image"], self.evaluator.stats, extractor, cache_dir=cache_dir)
         if self.sink is not None:
@@ -58,8 +61,15 @@ class FIDHook(Hook):
         result = self.evaluator(fake)
         took = time.perf_counter() - t0
         values = {"fid": result["fid"], "kid": result["kid"], "fid_floor": self.floor, "fid_time_s": took}
+        clip = ""
+        if self.scorer is not None:
+            from raygen.train.clip_score import condition_clip_score
+            score = condition_clip_score(self.scorer, model, self.ref, fake)
+            if score is not None:
+                values["clip_score"] = score
+                clip = f", CLIP score {score:.2f}"
         metrics.update(values)
         if self.sink is not None:
             self.sink.log_metrics(values, step)
         say(f"step {step}: FID {result['fid']:.2f} (floor {self.floor:.2f}, KID {result['kid']:.4f}, "
-            f"{result['n_generated']} samples, {result['extractor']}, {took:.1f}s)")
+            f"{result['n_generated']} samples, {result['extractor']}, {took:.1f}s){clip}")

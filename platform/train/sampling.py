@@ -68,8 +68,11 @@ def grid_conditions(model: Generator, n: int, val_records: dict[str, Any] | None
 
 def sample_grid_png(model: Generator, n: int, path: str | Path, *, seed: int = 0,
                     val_records: dict[str, Any] | None = None) -> Path:
-    """Sample n images into a grid PNG (upscaled so small images stay visible)."""
-    from raygen.images import save_grid
-    images = sample_set(model, grid_conditions(model, n, val_records), seed)
-    upscale = max(1, 128 // max(model.data_info.height, model.data_info.width))
-    return save_grid(images, path, upscale=upscale)
+    """Sample n images into a grid PNG (upscaled so small images stay visible),
+    each label- or caption-conditioned image with its condition written under it."""
+    from raygen.images import save_grid, upscale_for
+    conditions = grid_conditions(model, n, val_records)
+    images = sample_set(model, conditions, seed)
+    upscale = upscale_for(model.data_info.height, model.data_info.width)
+    # each image's class name or caption under it, when the model takes one
+    return save_grid(images, path, upscale=upscale, captions=conditions.texts(model.data_info))

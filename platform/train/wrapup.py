@@ -31,7 +31,9 @@ def dataset_extractor(spec: JobSpec, data_dir: Path):
 def compute_run_fid(spec: JobSpec, model, data_dir: Path, n: int) -> dict:
     """FID/KID of n samples against n val images, with the spec's named extractor,
     plus "fid_floor": the FID of n train images against the same val images, i.e.
-    what a perfect generator would score here (cached beside the val statistics)."""
+    what a perfect generator would score here (cached beside the val statistics),
+    and "clip_score" of the same samples when the spec names a scorer."""
+    from raygen.train.clip_score import condition_clip_score, load_run_scorer
     from raygen.data import load_split_images
     from raygen.metrics import compute_fid, fid_floor, reference_stats
 
@@ -43,6 +45,9 @@ def compute_run_fid(spec: JobSpec, model, data_dir: Path, n: int) -> dict:
     result = compute_fid(fake, stats, extractor)
     train = load_split_images(data_dir, "train", spec.data, limit=stats.n)
     result["fid_floor"] = fid_floor(train["image"], stats, extractor, cache_dir=cache_dir)
+    scorer = load_run_scorer(spec)
+    if scorer is not None:
+        result["clip_score"] = condition_clip_score(scorer, model, ref, fake)
     return result
 
 
@@ -76,9 +81,13 @@ def finish_run(spec: JobSpec, out, tracked, data_dir: Path, *, progress: bool = 
         out.metrics.update({"fid": fid["fid"], "kid": fid["kid"], "fid_floor": fid["fid_floor"]})
         tracked.log_metrics({"fid": fid["fid"], "kid": fid["kid"], "fid_floor": fid["fid_floor"],
                              "fid_samples": float(fid["n_generated"])}, step=spec.train.steps)
+        if fid.get("clip_score") is not None:
+            out.metrics["clip_score"] = fid["clip_score"]
+            tracked.log_metrics({"clip_score": fid["clip_score"]}, step=spec.train.steps)
         if progress:  # the floor (train vs val images) is what a perfect generator would score
+            clip = f", CLIP score {fid['clip_score']:.2f}" if fid.get("clip_score") is not None else ""
             print(f"[raygen] FID {fid['fid']:.2f} (real-vs-real floor {fid['fid_floor']:.2f}, "
-                  f"{fid['n_generated']} samples, {fid['extractor']})", flush=True)
+                  f"{fid['n_generated']} samples, {fid['extractor']}){clip}", flush=True)
         tracked.set_tags({"fid.extractor": fid["extractor"], "fid.samples": fid["n_generated"],
                           "fid.reference": f"{data_dir.name}/val ({fid['n_reference']} images)"})
     out.model_uri = log_and_register(tracked.tracking_uri, tracked.run_id, export, name, step=spec.train.steps,
