@@ -230,6 +230,34 @@ def test_the_cli_swaps_samplers_on_the_saved_model(trained_shapes, tmp_path, cap
     assert "sampler" in capsys.readouterr().err
 
 
+def test_the_cli_reranks_best_of_n_with_a_clip_scorer(trained_shapes, tmp_path, capsys):
+    """The issue's command, `--prompt` and all, plus best-of-n with a clip model trained by raygen."""
+    from PIL import Image
+
+    import raygen.models.clip  # noqa: F401  (registers the family)
+    from raygen.exports import export_generator
+    from raygen.jobs.cli import main
+    from raygen.models.clip import ClipConfig
+    from raygen.spec import parse_spec
+
+    model, _ = trained_shapes
+    spec = parse_spec({"model": {"family": "diffusion", "options": model.config.model_dump(mode="json")}})
+    export_generator(tmp_path / "model", model.state_dict(), spec, SHAPES, {"step": 80})
+    clip = build_model("clip", ClipConfig.debug(), SHAPES)
+    clip_spec = parse_spec({"model": {"family": "clip", "options": clip.config.model_dump(mode="json")}})
+    export_generator(tmp_path / "clip", clip.state_dict(), clip_spec, SHAPES, {"step": 0})
+    out = tmp_path / "best.png"
+    assert main(["sample", str(tmp_path / "model"), "--prompt", "a red circle", "--set", "sampler=ddim",
+                 "--set", "num_inference_steps=4", "--set", "guidance_scale=3", "-n", "2", "--best-of", "3",
+                 "--scorer", f"clip:{tmp_path / 'clip'}", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "CLIP scores of kept images: " in printed and "wrote 2 image(s)" in printed
+    assert Image.open(out).size[0] > 0
+    # without a scorer, best-of-n is a clear error naming the flag
+    assert main(["sample", str(tmp_path / "model"), "--prompt", "a red circle", "--best-of", "2"]) == 2
+    assert "--scorer" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- variants and errors
 @pytest.mark.parametrize("attention,unet_class", [("self_cross", "UNet2DConditionModel"),
                                                   ("jxa", "UNet2DConditionModel"),
