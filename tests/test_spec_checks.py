@@ -52,6 +52,19 @@ CASES = [
     ("deepspeed-config-missing", {"scale": {"deepspeed_config": "nope.json"}}, "train",
      "scale.deepspeed_config: file not found: nope.json"),
     ("ema-zero3", {"scale": {"zero_stage": 3}}, "train", "train.ema.enabled: EMA needs full weights"),
+    # Tune needs its metric in every report: FID only where the FID hook runs at each eval/checkpoint step
+    ("fid-metric-only-at-the-end", {"tune": {"space": {"train.optimizer.lr": {"grid": [1e-3, 2e-3]}},
+                                             "metric": "fid"}, "track": {"fid": {"enabled": True}}}, "tune",
+     "tune.metric: fid is measured every track.fid.every steps (0, i.e. only after training)"),
+    ("fid-metric-off-cadence", {"tune": {"space": {"train.optimizer.lr": {"grid": [1e-3, 2e-3]}}, "metric": "kid"},
+                                "train": {"steps": 8, "eval_every": 4, "checkpoint_every": 8},
+                                "track": {"fid": {"enabled": True, "every": 8}}}, "tune",
+     "at each step of train.eval_every; set track.fid.every to a divisor of them (e.g. 4)"),
+    ("fid-metric-fid-disabled", {"tune": {"space": {"train.optimizer.lr": {"grid": [1e-3, 2e-3]}}, "metric": "fid"}},
+     "tune", "tune.metric: fid needs track.fid.enabled: true"),
+    ("clip-score-metric-no-scorer", {"tune": {"space": {"train.optimizer.lr": {"grid": [1e-3, 2e-3]}},
+                                              "metric": "clip_score"}, "track": {"fid": {"enabled": True}}},
+     "tune", "tune.metric: clip_score needs a scorer"),
 ]
 
 

@@ -6,6 +6,7 @@ tune then reject. A check added here is a check all three make.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from raygen.spec.errors import SpecError
@@ -53,12 +54,41 @@ def _deepspeed_config(spec: JobSpec) -> None:
         build_deepspeed_config(spec, spec.scale.workers)
 
 
+#: tune metrics that the FID hook measures, on its own cadence (track.fid.every)
+FID_METRICS = ("fid", "kid", "fid_floor", "clip_score")
+
+
+def _metric_problem(spec: JobSpec) -> str | None:
+    """Tune needs its metric in every report a trial makes (each eval and checkpoint
+    step, and the last): FID and its kin are there only when the FID hook runs at
+    each of those steps."""
+    metric, fid, train = spec.tune.metric, spec.track.fid, spec.train
+    if metric not in FID_METRICS:
+        return None
+    if not fid.enabled:
+        return f"tune.metric: {metric} needs track.fid.enabled: true, or optimize val_loss"
+    if metric == "clip_score" and not spec.track.clip_score.scorer:
+        return "tune.metric: clip_score needs a scorer: set track.clip_score.scorer (hf:PATH or clip:PATH)"
+    steps = {"train.eval_every": train.eval_every, "train.checkpoint_every": train.checkpoint_every,
+             "train.steps": train.steps}
+    missed = [name for name, value in steps.items() if not fid.every or value % fid.every]
+    if missed:
+        cadence = fid.every or "0, i.e. only after training"
+        return (f"tune.metric: {metric} is measured every track.fid.every steps ({cadence}), but Tune needs it in "
+                f"every report, at each step of {', '.join(missed)}; set track.fid.every to a divisor of them "
+                f"(e.g. {math.gcd(*steps.values())}), or optimize val_loss")
+    return None
+
+
 def _tune_problems(spec: JobSpec) -> list[str]:
     from raygen.spec.loader import apply_overrides, parse_spec, spec_to_dict
     from raygen.tune.space import grid_points
 
     if not spec.tune.space:
         return ["tune.space: empty; give at least one key, e.g. {train.optimizer.lr: {loguniform: [1e-4, 1e-2]}}"]
+    metric_problem = _metric_problem(spec)
+    if metric_problem:
+        return [metric_problem]
     try:
         points = grid_points(spec.tune)  # filter keys that are not grid axes, a filter that rejects everything
     except SpecError as err:
