@@ -20,6 +20,8 @@ def register(sub) -> None:
     add_run_options(p)
     p.add_argument("--resume", action="store_true", help="continue the newest run of this name from its last checkpoint")
     p.add_argument("--stop-after", type=int, metavar="STEP", help="pause at this step (with a checkpoint); resume later")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the parameter count and a per-worker memory estimate for the spec's strategy; train nothing")
     p.set_defaults(func=run)
 
 
@@ -32,7 +34,11 @@ def run(args) -> int:
     from raygen.spec.loader import read_spec_file
     from raygen.spec.pipeline import is_pipeline
     if is_pipeline(read_spec_file(args.spec)):
+        if args.dry_run:
+            raise UserError("--dry-run applies to one job spec; run it on a stage's spec")
         return run_pipeline_command(args)
+    if args.dry_run:
+        return dry_run_command(args)
     overrides = resume_overrides(args.spec, args.set) if args.resume else list(args.set)
     spec = load_spec(args.spec, overrides)
     try:
@@ -46,6 +52,10 @@ def run(args) -> int:
     if result.metrics:
         shown = {k: result.metrics[k] for k in ("loss", "val_loss", "fid", "kid") if k in result.metrics}
         print("  metrics:    " + ", ".join(f"{k}={v:.4g}" for k, v in shown.items()))
+        from raygen.train.memory import peak_summary
+        peaks = peak_summary(result.metrics)
+        if peaks:
+            print(f"  peak RSS:   {peaks} per worker")
     if result.grid:
         print(f"  samples:    {result.grid}")
     if result.checkpoint:
@@ -58,6 +68,15 @@ def run(args) -> int:
               " --tracking-uri " + shlex.quote(result.tracking_uri))
     elif result.checkpoint:
         print(f"  paused; continue with: {resume_command(args, overrides)}")
+    return 0
+
+
+def dry_run_command(args) -> int:
+    from raygen.spec import load_spec
+    from raygen.train.dry_run import dry_run
+
+    estimate = dry_run(load_spec(args.spec, list(args.set)), args.tracking_uri)
+    print("\n".join(estimate.lines()))
     return 0
 
 

@@ -348,3 +348,16 @@ def test_clip_by_norm_reuses_the_norm_the_step_measured(monkeypatch):
     assert calls == []
     make_trainer(spec, ListBatches(toy_images(64), 8), hooks=[GradClipHook(1e-3, 1e-4)]).fit()
     assert len(calls) == 2
+
+
+def test_reports_carry_the_fid_hooks_metrics_for_tune():
+    """A sweep that optimizes FID sees it in the report of the step the FID hook measured it."""
+    from types import SimpleNamespace
+
+    from raygen.train.trainer import Trainer
+
+    trainer = Trainer.__new__(Trainer)  # only the report's selection is under test
+    trainer.state = SimpleNamespace(step=4)
+    out = trainer._report_metrics({"loss": 1.0, "lr": 0.1, "fid": 3.0, "kid": 0.01, "data_wait_s": 0.2,
+                                   "mem_peak_rss_mb_rank0": 100.0})
+    assert out == {"step": 4.0, "loss": 1.0, "lr": 0.1, "fid": 3.0, "kid": 0.01, "mem_peak_rss_mb_rank0": 100.0}

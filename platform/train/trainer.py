@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import os
-import resource
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -47,29 +46,10 @@ class TrainState:
     last_good_checkpoint: str | None = None
 
 
-def _rss_mb() -> float:
-    try:
-        import psutil
-        return psutil.Process().memory_info().rss / 2**20
-    except ImportError:  # peak instead of current, but still a figure
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
 def memory_per_worker(device: torch.device) -> dict[str, float]:
-    """Resident memory of every worker (and GPU memory), gathered to all ranks."""
-    mine = [_rss_mb(), torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0]
-    local = torch.tensor(mine, dtype=torch.float64)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        local = local.to(collective_device())
-        parts = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, local)
-        parts = [p.cpu() for p in parts]
-    else:
-        parts = [local]
-    out = {f"mem_rss_mb_rank{r}": float(p[0]) for r, p in enumerate(parts)}
-    if device.type == "cuda":
-        out.update({f"gpu_mem_max_mb_rank{r}": float(p[1]) for r, p in enumerate(parts)})
-    return out
+    """Current and peak resident memory of every worker (and peak GPU memory), gathered to all ranks."""
+    from raygen.train.memory import memory_metrics
+    return memory_metrics(device)
 
 
 class EvalWeightsProvider(Protocol):
@@ -77,6 +57,10 @@ class EvalWeightsProvider(Protocol):
     of the raw training weights (EMAHook does)."""
     name: str
     def eval_weights(self) -> dict[str, torch.Tensor]: ...
+
+
+#: per-step metrics a report carries to the driver and to Tune (beside the eval metrics)
+REPORTED = ("loss", "lr", "fid", "kid", "fid_floor", "clip_score")
 
 
 class Trainer:
@@ -177,6 +161,8 @@ class Trainer:
     def fit(self, resume_from: Path | None = None, stop_after: int | None = None) -> dict[str, float]:
         """Train to `train.steps`; `stop_after` pauses the run at that step
         (with a checkpoint) so it can be resumed later."""
+        from raygen.train.memory import reset_peak_rss
+        reset_peak_rss()  # the run's own peak, not what this (possibly reused) process did before
         self.setup(resume_from)
         self._fire("on_train_start")
         if resume_from is not None:
@@ -210,7 +196,7 @@ class Trainer:
                             "images_per_s": images * self.world_size / max(now - t_last, 1e-9),
                             "epoch": float(self.state.epoch),
                             "corrupt_records": float(getattr(self.train_data, "corrupt_count", 0))})
-            if self.state.step % spec.log_every == 0:  # a tiny all-gather, not every step
+            if self.state.step % spec.log_every == 0 or self.state.step == spec.steps:  # a tiny all-gather
                 metrics.update(memory_per_worker(self.strategy.device))
             t_last = now
             self.last_metrics = metrics
@@ -285,7 +271,10 @@ class Trainer:
         return metrics, True, images
 
     def _report_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
-        return {"step": float(self.state.step), **{k: metrics[k] for k in ("loss", "lr") if k in metrics}}
+        # the memory peaks reach the driver's final summary through the last report
+        peaks = {k: v for k, v in metrics.items() if k.startswith(("mem_peak_rss_mb_rank", "gpu_mem_max_mb_rank"))}
+        # and what hooks measured at this step (FID on its cadence), so a sweep can optimize it
+        return {"step": float(self.state.step), **{k: metrics[k] for k in REPORTED if k in metrics}, **peaks}
 
     # ------------------------------------------------------------ eval
     def eval_weights(self) -> dict[str, torch.Tensor]:
