@@ -166,10 +166,17 @@ async def _post(reader, writer, host: str, path: str, body: bytes) -> tuple[int,
             return status, b"".join(p[:-2] for p in parts)
 
 
-async def load(url: str, clients: int, requests: int, seed0: int) -> tuple[float, int, list[float]]:
-    """`clients` concurrent clients send `requests` n=1 requests in all. Returns (seconds, images, latencies ms)."""
+def label_body(seed0: int):
+    """Request i: one image of class i, seed seed0 + i."""
+    return lambda i: {"n": 1, "seed": seed0 + i, "label": (seed0 + i) % len(CLASSES)}
+
+
+async def load(url: str, clients: int, requests: int, seed0: int = 0, make_body=None) -> tuple[float, int, list[float]]:
+    """`clients` concurrent clients send `requests` requests in all (`make_body(i)`, default n=1 labelled
+    requests from seed0). Returns (seconds, images, latencies ms)."""
     from urllib.parse import urlsplit
 
+    make_body = make_body or label_body(seed0)
     parts = urlsplit(url)
     counter = iter(range(requests))
     latencies: list[float] = []
@@ -180,13 +187,13 @@ async def load(url: str, clients: int, requests: int, seed0: int) -> tuple[float
         reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
         try:
             for i in counter:
-                body = {"n": 1, "seed": seed0 + i, "label": (seed0 + i) % len(CLASSES)}
+                body = make_body(i)
                 start = time.perf_counter()
                 status, raw = await _post(reader, writer, parts.netloc, f"{parts.path}/v1/generate",
                                           json.dumps(body).encode())
                 latencies.append((time.perf_counter() - start) * 1e3)
                 if status != 200:
-                    raise RuntimeError(f"request {body} failed: {status} {raw[:300]!r}")
+                    raise RuntimeError(f"{status} {raw[:300]!r} for request {str(body)[:200]}")
                 images += raw.count(b'"png_base64"')
         finally:
             writer.close()
@@ -259,6 +266,31 @@ def paired_overhead(url: str, direct, repeats: int, pids: dict[str, int], handle
             "replica_sample_ms": replica_sample_ms,
             "serve_floor_p50_ms": statistics.median(echo_ms),
             "overhead_cpu_ms": per_request}
+
+
+def local_overhead(model: Path, direct, repeats: int) -> dict:
+    """The same app without Ray (`raygen.serving.local`: uvicorn in this process, the model behind the
+    same front door and batcher): sequential n=1 HTTP requests paired with direct calls, so raygen's own
+    HTTP path is seen apart from Ray Serve's proxy and replica hops."""
+    import httpx
+
+    from raygen.serving.local import LocalServer, build_local
+
+    app = build_local({"model": f"bench={model}", "serve": {"max_n": 16, "batch_wait_timeout_s": 0.0}})
+    http_ms, direct_ms = [], []
+    with LocalServer(app.api) as server, httpx.Client(base_url=server.url, timeout=60) as http:
+        for i in range(repeats + 3):
+            start = time.perf_counter()
+            r = http.post("/v1/generate", json={"n": 1, "seed": 20_000 + i, "label": i % len(CLASSES)})
+            elapsed = (time.perf_counter() - start) * 1e3
+            if r.status_code != 200:
+                raise RuntimeError(f"local request failed: {r.status_code} {r.text[:300]}")
+            alone, _ = direct(20_000 + i)
+            if i >= 3:
+                http_ms.append(elapsed)
+                direct_ms.append(alone)
+    return {"local_http_p50_ms": statistics.median(http_ms),
+            "local_overhead_p50_ms": statistics.median(h - d for h, d in zip(http_ms, direct_ms))}
 
 
 def wait_healthy(url: str, timeout: float = 180.0) -> None:
@@ -350,6 +382,7 @@ def main(argv=None) -> int:
                        "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}.items():
         os.environ.setdefault(key, value)
     scratch = Path(tempfile.mkdtemp(prefix="rg-bench-", dir="/tmp"))  # short: Ray's socket paths live here
+    load_before = os.getloadavg()
     import ray
     from ray import serve
 
@@ -363,11 +396,15 @@ def main(argv=None) -> int:
                     proxy_location="HeadOnly")
         url = f"http://127.0.0.1:{port}"
         on, off = run(url, model, args, direct, scratch)
+        serve.shutdown()
+        ray.shutdown()
+        on.update(local_overhead(model, direct, args.sequential))
     finally:
         if ray.is_initialized():
             serve.shutdown()
         ray.shutdown()
         shutil.rmtree(scratch, ignore_errors=True)
+    load_after = os.getloadavg()
 
     ratio = on["images_per_s"] / off["images_per_s"]
     overhead = on["overhead_p50_ms"]
@@ -391,11 +428,20 @@ def main(argv=None) -> int:
     if cpu:
         parts = ", ".join(f"{role} {ms:.2f}" for role, ms in sorted(cpu.items()))
         print(f"CPU the HTTP path adds per request: {sum(cpu.values()):.2f} ms ({parts}; load-independent)")
+    print(f"the same app without Ray (uvicorn in this process): HTTP p50 {on['local_http_p50_ms']:.1f} ms, "
+          f"overhead over a direct call {on['local_overhead_p50_ms']:.1f} ms (raygen's own HTTP path)")
+    print(f"machine load average (1 min) at start {load_before[0]:.1f}, at end {load_after[0]:.1f} "
+          f"on {os.cpu_count()} CPUs")
+    met = lambda ok: "MET" if ok else "MISSED"  # noqa: E731
+    print(f"TARGETS: batching on/off {ratio:.2f}x >= {TARGET_RATIO:g}x {met(ratio >= TARGET_RATIO)}; "
+          f"HTTP overhead p50 {overhead:.1f} ms <= {TARGET_OVERHEAD_MS:g} ms {met(overhead <= TARGET_OVERHEAD_MS)} "
+          f"(Ray Serve's floor here {on['serve_floor_p50_ms']:.1f} ms; without Ray {on['local_overhead_p50_ms']:.1f} ms)")
     if args.out:
         args.out.write_text(json.dumps({"args": {k: (str(v) if isinstance(v, Path) else v)
                                                  for k, v in vars(args).items()},
                                         "cpus": cpus, "on": on, "off": off, "ratio": ratio,
-                                        "overhead_p50_ms": overhead}, indent=2))
+                                        "overhead_p50_ms": overhead, "loadavg_start": load_before,
+                                        "loadavg_end": load_after}, indent=2))
     return 0
 
 

@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "raygen.jobs.cmd_export",
     "raygen.jobs.cmd_metrics",
     "raygen.jobs.cmd_serve",
+    "raygen.jobs.cmd_promote",
     "raygen.jobs.cmd_submit",
     "raygen.jobs.cmd_ui",
 )

@@ -39,6 +39,7 @@ def evaluate_model(loaded, *, samples: int | None = None, extractor: str | None 
         out.update({"fid": fid["fid"], "kid": fid["kid"], "fid_samples": fid["n_generated"], "fid_extractor": fid["extractor"]})
         if "fid_floor" in fid:
             out["fid_floor"] = fid["fid_floor"]
+        out.update({k: fid[k] for k in ("scene_psnr", "scene_ssim") if k in fid})  # scene models (renderer)
     val = load_split_images(data_dir, "val", spec.data, limit=512)
     if has(model, Capability.TRAIN):
         bs = spec.data.batch_size

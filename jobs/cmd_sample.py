@@ -18,8 +18,10 @@ def register(sub) -> None:
     p.add_argument("--caption", "--prompt", dest="caption",
                    help="prompt (caption-conditional models, and for --best-of scoring); --prompt is the same flag")
     p.add_argument("--scene", metavar="JSON|@FILE", help="scene for scene-conditional models: "
-                   '{"objects": [{field: number, ...}], "globals": {...}}, inline or @file.json')
+                   '{"objects": [{field: number, ...}], "globals": {...}}, inline, FILE.json or @FILE.json')
     p.add_argument("--image", metavar="PATH", help="input image (PNG/JPEG) for image-conditional models")
+    p.add_argument("--size", metavar="HxW", help="render at this size (models with the render capability, e.g. "
+                   "inr): 64 or 64x96; with --image, the input's reconstruction at that size")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed SEED+i (default 0)")
     p.add_argument("--best-of", type=int, metavar="M", help="generate M candidates per image and keep the best by CLIP score")
     p.add_argument("--scorer", help="CLIP scorer for --best-of: hf:PATH (local CLIP weights) or a trained clip model folder")
@@ -44,7 +46,11 @@ def _condition_value(args, kind: str):
     if value is None:
         return None
     if kind == "scene":
-        text = Path(value[1:]).read_text() if value.startswith("@") else value
+        # inline JSON, @file.json, or a plain path to a file
+        path = Path(value[1:]) if value.startswith("@") else None if value.lstrip().startswith("{") else Path(value)
+        if path is not None and not path.is_file():
+            raise UserError(f"--scene: no such file {path} (give inline JSON, a .json file or @file.json)")
+        text = path.read_text() if path is not None else value
         try:
             return json.loads(text)
         except json.JSONDecodeError as err:
@@ -55,6 +61,22 @@ def _condition_value(args, kind: str):
             raise UserError(f"--image: no such file {value}")
         return path.read_bytes()
     return value
+
+
+def _render_size(model, text: str | None) -> tuple[int, int] | None:
+    """--size "64" or "64x96" -> (height, width); only for models that can render at a size."""
+    from raygen.jobs.cli import UserError
+    from raygen.models import Capability, CapabilityError, require
+    if text is None:
+        return None
+    try:
+        require(model, Capability.RENDER)
+    except CapabilityError as err:
+        raise UserError(f"--size: {err}") from None
+    parts = text.lower().split("x")
+    if len(parts) > 2 or not all(p.strip().isdigit() and 1 <= int(p) <= 4096 for p in parts):
+        raise UserError(f"--size: expected SIDE or HEIGHTxWIDTH with sides 1..4096, e.g. 64 or 64x96, got {text!r}")
+    return int(parts[0]), int(parts[-1])
 
 
 def parse_sampling_sets(items: list[str], cls):
@@ -123,7 +145,11 @@ def run(args) -> int:
     except ValueError as err:
         raise UserError(f"--seed: {err}") from None
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    images = model.sample(conditions, params, make_generators(seeds, device))
+    size = _render_size(model, args.size)
+    if size is None:
+        images = model.sample(conditions, params, make_generators(seeds, device))
+    else:
+        images = model.render(conditions, params, make_generators(seeds, device), *size)
     if m > 1:
         kept, scores = [], []
         for i in range(args.n):
@@ -132,6 +158,6 @@ def run(args) -> int:
             scores.append(float(s[0]))
         images = torch.cat(kept)
         print("CLIP scores of kept images: " + ", ".join(f"{s:.2f}" for s in scores))
-    path = save_grid(images, Path(args.out), upscale=max(1, 128 // max(info.height, info.width)))
+    path = save_grid(images, Path(args.out), upscale=max(1, 128 // max(images.shape[-2:])))
     print(f"wrote {len(images)} image(s) to {path}")
     return 0

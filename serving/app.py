@@ -4,7 +4,7 @@ Three ways in, one builder:
 
 - `raygen serve --model PATH` (see `raygen.jobs.cmd_serve`, which calls `serve_forever`);
 - `serve run raygen.serving.app:build_app model=PATH` (Serve's app-builder args);
-- `serve run serving/config_example.yaml` (the same args under `applications[].args`).
+- `serve run serving/config.yaml` (the same args under `applications[].args`).
 
 Models are loaded once here, in the driver, before anything is deployed: a
 wrong path or a family that is not registered fails in a second with a
@@ -56,10 +56,22 @@ class AppArgs(BaseModel):
     ingress_cpus: float = Field(0.1, gt=0)
     scorer_cpus: Optional[float] = Field(None, gt=0, description="CPUs of the scorer; default like replica_cpus")
     scorer_gpus: float = Field(0.0, ge=0)
+    token_file: Optional[str] = Field(None, description="file whose first line is the bearer token every request "
+                                      "must send (default: the RAYGEN_API_TOKEN environment variable; neither: no token)")
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="larger request bodies get 413 unread")
+    files_dir: Optional[str] = Field(None, description="where response_format=url images are kept (default: a "
+                                     "folder in the system temp dir)")
+    files_ttl_s: float = Field(3600.0, gt=0, description="how long a response_format=url link answers")
+    multiplex: list[str] = Field(default_factory=list, description="NAME=URI models (e.g. fine-tunes) that share "
+                                 "one deployment: a replica loads one when a request names it and drops the least "
+                                 "recently used past multiplex_per_replica")
+    multiplex_per_replica: int = Field(4, ge=1, description="models a multiplex replica holds at once")
+    alias_poll_s: float = Field(30.0, ge=0, description="for models:/NAME@ALIAS: how often replicas ask the "
+                                "registry where the alias points, and swap in a new version (0: never)")
     check_resources: bool = Field(True, description="refuse at once what the cluster's CPUs/GPUs cannot hold "
                                                     "(turn off on an autoscaling cluster that grows on demand)")
 
-    _split_lists = field_validator("models", "imports", mode="before")(_split)
+    _split_lists = field_validator("models", "imports", "multiplex", mode="before")(_split)
 
     @field_validator("serve", mode="before")
     @classmethod
@@ -139,6 +151,7 @@ class ModelEntry:
     run_id: Optional[str]
     summary: str
     card: dict = field(default_factory=dict)
+    multiplexed: bool = False
 
 
 @dataclass
@@ -163,6 +176,11 @@ class AppPlan:
     imports: list[str] = field(default_factory=list)
     tracking_uri: Optional[str] = None
     sizing: Optional[Sizing] = None
+    http: dict = field(default_factory=dict)  # ingress.HttpOptions: what the front door checks
+
+    @property
+    def has_token(self) -> bool:
+        return bool(self.http.get("token_sha256"))
 
 
 class ResourceError(ValueError):
@@ -180,9 +198,6 @@ def _scorer_available(loader: str) -> Optional[str]:
         return f"cannot import {module} ({err})"
     if not callable(getattr(mod, func, None)):
         return f"{module} has no {func}()"
-    # the scorer deployment reranks with raygen.metrics.BestOfN whatever the loader
-    if not hasattr(importlib.import_module("raygen.metrics"), "BestOfN"):
-        return "raygen.metrics has no BestOfN"
     return None
 
 
@@ -199,7 +214,7 @@ def load_plan(args: Union[AppArgs, dict]) -> AppPlan:
 
     entries: list[ModelEntry] = []
     base_serve = None
-    for arg in args.models:
+    for arg, multiplexed in [(a, False) for a in args.models] + [(a, True) for a in args.multiplex]:
         name, uri = parse_model_arg(arg)
         uri = _absolute_uri(uri)
         loaded = load_generator(uri, tracking_uri)
@@ -208,7 +223,8 @@ def load_plan(args: Union[AppArgs, dict]) -> AppPlan:
             raise ValueError(f"two models are named {name!r}; name them apart with NAME=URI")
         card = model_card(loaded, name=name)
         entries.append(ModelEntry(name=name, uri=uri, family=card["family"], run_id=card["run_id"],
-                                  summary=summary(card), card=card))
+                                  summary=summary(card) + (", multiplexed" if multiplexed else ""), card=card,
+                                  multiplexed=multiplexed))
         if base_serve is None:
             base_serve = loaded.spec.serve
         del loaded  # the replicas load their own copy
@@ -225,7 +241,22 @@ def load_plan(args: Union[AppArgs, dict]) -> AppPlan:
         else:
             reranking = "ready"
     return AppPlan(models=entries, serve=spec, reranking=reranking, notes=notes, args=args, imports=imports,
-                   tracking_uri=tracking_uri)
+                   tracking_uri=tracking_uri, http=http_options(args))
+
+
+TOKEN_ENV = "RAYGEN_API_TOKEN"
+
+
+def http_options(args: AppArgs) -> dict:
+    """The front door's settings; the token (from token_file or RAYGEN_API_TOKEN) only as its SHA-256."""
+    from raygen.serving.guard import read_token, token_digest
+
+    token = read_token(args.token_file) if args.token_file else os.environ.get(TOKEN_ENV, "").strip()
+    if token and len(token) < 8:
+        raise ValueError(f"{TOKEN_ENV} must hold at least 8 characters")
+    return {"max_body_bytes": args.max_body_bytes, "token_sha256": token_digest(token) if token else None,
+            "files_dir": str(Path(args.files_dir).expanduser().resolve()) if args.files_dir else None,
+            "files_ttl_s": args.files_ttl_s}
 
 
 def cluster_resources() -> tuple[float, float, float, str]:
@@ -308,22 +339,47 @@ def size_replicas(args: AppArgs, *, generator_replicas: int, scorer: bool, total
                   free_cpus=free_cpus, note=note)
 
 
-def bind_app(plan: AppPlan, *, resources: Optional[tuple] = None, merge: bool = True):
+def _override(deployment, settings: Optional[dict]):
+    """A deployment with a config file's settings for it on top of raygen's (`ray_actor_options` merged)."""
+    if not settings:
+        return deployment
+    settings = dict(settings)
+    if "ray_actor_options" in settings:
+        settings["ray_actor_options"] = {**(deployment.ray_actor_options or {}), **settings["ray_actor_options"]}
+    if "autoscaling_config" in settings and "num_replicas" not in settings:
+        settings["num_replicas"] = "auto"  # autoscaling replaces serve.replicas
+    return deployment.options(**settings)
+
+
+def bind_app(plan: AppPlan, *, resources: Optional[tuple] = None, merge: bool = True,
+             deployments: Optional[dict] = None):
     """Size the replicas to the cluster and bind the deployments. Returns the Serve Application.
 
-    resources: (total CPUs, free CPUs, total GPUs, where); default `cluster_resources()`."""
+    resources: (total CPUs, free CPUs, total GPUs, where); default `cluster_resources()`.
+    deployments: a config file's per-deployment settings, by deployment name (`config.read_config`)."""
     from raygen.serving.deployments import GeneratorServer, ModelServer, ScorerServer
     from raygen.serving.ingress import Ingress
 
     args, spec, entries = plan.args, plan.serve, plan.models
     total, free, gpus, where = resources or cluster_resources()
-    sizing = size_replicas(args, generator_replicas=len(entries) * spec.replicas, scorer=plan.reranking == "ready",
-                           total_cpus=total, free_cpus=free, total_gpus=gpus, where=where, ingress=len(entries) > 1)
+    muxed = [e for e in entries if e.multiplexed]
+    dedicated = [e for e in entries if not e.multiplexed]
+    sizing = size_replicas(args, generator_replicas=(len(dedicated) + bool(muxed)) * spec.replicas,
+                           scorer=plan.reranking == "ready", total_cpus=total, free_cpus=free, total_gpus=gpus,
+                           where=where, ingress=len(entries) > 1)
     plan.sizing = sizing
     if sizing.note and sizing.note not in plan.notes:
         plan.notes.append(sizing.note)
 
     scorer = None
+    deployments = dict(deployments or {})
+    names = (["scorer"] if plan.reranking == "ready" else []) + (
+        [f"model-{entries[0].name}"] if len(entries) == 1 and not muxed else
+        ["ingress"] + [f"generator-{e.name}" for e in dedicated] + (["multiplex"] if muxed else []))
+    unknown = sorted(set(deployments) - set(names))
+    if unknown:
+        raise ValueError(f"the config names deployment {unknown[0]!r}, which this app does not have; its "
+                         f"deployments are {', '.join(names)}")
     if plan.reranking == "ready":
         scorer = ScorerServer.options(
             name="scorer",
@@ -331,31 +387,34 @@ def bind_app(plan: AppPlan, *, resources: Optional[tuple] = None, merge: bool = 
             max_queued_requests=spec.max_queued_requests,
             ray_actor_options={"num_cpus": sizing.scorer_cpus, "num_gpus": args.scorer_gpus},
             max_constructor_retry_count=3,
-        ).bind(args.scorer, args.scorer_loader, tracking_uri=plan.tracking_uri, imports=plan.imports,
-               use_gpu=args.scorer_gpus > 0)
+        )
+        scorer = _override(scorer, deployments.get("scorer")).bind(
+            args.scorer, args.scorer_loader, tracking_uri=plan.tracking_uri, imports=plan.imports,
+            use_gpu=args.scorer_gpus > 0)
     # The front door only awaits, so it admits more than the models together can hold: overload is
     # then refused by a model's bounded queue as the app's JSON 503, not by the proxy in plain text
     # (the proxy's own queue check races under bursts and refuses early when its bound is tiny).
     ingress_limit = max(32, 2 * len(entries) * (spec.max_queued_requests + 2 * spec.max_batch_size * spec.replicas))
-    if len(entries) == 1:
+    if len(entries) == 1 and not muxed:
         # one model: the front door and the model share each replica (one Ray hop less per request)
         entry = entries[0]
-        return ModelServer.options(
+        return _override(ModelServer.options(
             name=f"model-{entry.name}",
             num_replicas=spec.replicas,
             max_ongoing_requests=ingress_limit,
             max_queued_requests=ingress_limit,
             ray_actor_options={"num_cpus": sizing.replica_cpus, "num_gpus": args.replica_gpus},
             max_constructor_retry_count=3,
-        ).bind(entry.name, entry.uri, scorer, card=entry.card, tracking_uri=plan.tracking_uri, imports=plan.imports,
+        ), deployments.get(f"model-{entry.name}")).bind(
+               entry.name, entry.uri, scorer, card=entry.card, tracking_uri=plan.tracking_uri, imports=plan.imports,
                max_batch_size=spec.max_batch_size, batch_wait_timeout_s=spec.batch_wait_timeout_s,
                max_queued_requests=spec.max_queued_requests, replicas=spec.replicas,
                use_gpu=args.replica_gpus > 0, max_n=spec.max_n, request_timeout_s=spec.request_timeout_s,
-               reranking=plan.reranking, merge=merge)
+               reranking=plan.reranking, merge=merge, http=plan.http, alias_poll_s=args.alias_poll_s)
 
     generators = {}
-    for entry in entries:
-        generators[entry.name] = GeneratorServer.options(
+    for entry in dedicated:
+        generators[entry.name] = _override(GeneratorServer.options(
             name=f"generator-{entry.name}",
             num_replicas=spec.replicas,
             # room for one batch running and the next one filling; the rest wait in the bounded caller queue
@@ -363,24 +422,43 @@ def bind_app(plan: AppPlan, *, resources: Optional[tuple] = None, merge: bool = 
             max_queued_requests=spec.max_queued_requests,
             ray_actor_options={"num_cpus": sizing.replica_cpus, "num_gpus": args.replica_gpus},
             max_constructor_retry_count=3,
-        ).bind(entry.name, entry.uri, tracking_uri=plan.tracking_uri, imports=plan.imports,
+        ), deployments.get(f"generator-{entry.name}")).bind(
+               entry.name, entry.uri, tracking_uri=plan.tracking_uri, imports=plan.imports,
                max_batch_size=spec.max_batch_size, batch_wait_timeout_s=spec.batch_wait_timeout_s,
-               replicas=spec.replicas, use_gpu=args.replica_gpus > 0, merge=merge)
-    return Ingress.options(
+               replicas=spec.replicas, use_gpu=args.replica_gpus > 0, merge=merge, alias_poll_s=args.alias_poll_s)
+    multiplexed = None
+    if muxed:
+        from raygen.serving.deployments import multiplex_deployment
+
+        mux = _override(multiplex_deployment(args.multiplex_per_replica).options(
+            name="multiplex",
+            num_replicas=spec.replicas,
+            max_ongoing_requests=2 * spec.max_batch_size * args.multiplex_per_replica,
+            max_queued_requests=spec.max_queued_requests,
+            ray_actor_options={"num_cpus": sizing.replica_cpus, "num_gpus": args.replica_gpus},
+            max_constructor_retry_count=3,
+        ), deployments.get("multiplex")).bind(
+            {e.name: e.uri for e in muxed}, {e.name: e.card for e in muxed}, tracking_uri=plan.tracking_uri,
+            imports=plan.imports, max_batch_size=spec.max_batch_size, batch_wait_timeout_s=spec.batch_wait_timeout_s,
+            use_gpu=args.replica_gpus > 0, merge=merge)
+        multiplexed = {"handle": mux, "models": [e.name for e in muxed]}
+    return _override(Ingress.options(
         name="ingress",
         max_ongoing_requests=ingress_limit,
         max_queued_requests=ingress_limit,
         ray_actor_options={"num_cpus": args.ingress_cpus},
-    ).bind(generators, scorer, cards=[e.card for e in entries], imports=plan.imports,
+    ), deployments.get("ingress")).bind(
+           generators, scorer, cards=[e.card for e in entries], imports=plan.imports,
            default_model=entries[0].name, max_n=spec.max_n, request_timeout_s=spec.request_timeout_s,
-           reranking=plan.reranking)
+           reranking=plan.reranking, http=plan.http, multiplexed=multiplexed)
 
 
-def plan_app(args: Union[AppArgs, dict], *, resources: Optional[tuple] = None, merge: bool = True):
+def plan_app(args: Union[AppArgs, dict], *, resources: Optional[tuple] = None, merge: bool = True,
+             deployments: Optional[dict] = None):
     """Validate args, check every model loads, size the replicas and bind the deployments.
     Returns (Application, AppPlan)."""
     plan = load_plan(args)
-    return bind_app(plan, resources=resources, merge=merge), plan
+    return bind_app(plan, resources=resources, merge=merge, deployments=deployments), plan
 
 
 #: what a bad model or bad arguments raise: one line each, no traceback
@@ -522,8 +600,31 @@ def _url(host: str, port: int) -> str:
     return f"http://{shown}:{port}"
 
 
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def check_exposure(host: str, has_token: bool, insecure: bool) -> Optional[str]:
+    """None, or the warning to print: listening beyond loopback without a token needs `insecure`."""
+    if is_loopback(host) or has_token:
+        return None
+    if not insecure:
+        raise ValueError(f"--host {host} listens beyond this machine but no token is set: give --token-file (or "
+                         f"{TOKEN_ENV}), or pass --insecure to serve anyone who can reach the port")
+    return (f"WARNING: listening on {host} without a token (--insecure): anyone who can reach the port can "
+            "generate images")
+
+
 def serve_forever(args: AppArgs, *, host: Optional[str] = None, port: Optional[int] = None,
-                  address: Optional[str] = None, out=sys.stdout) -> int:
+                  address: Optional[str] = None, out=sys.stdout, insecure: bool = False,
+                  deployments: Optional[dict] = None, proxy_timeout_s: Optional[float] = None) -> int:
     """Start Ray (embedded unless an address is given), run the app, block until SIGINT/SIGTERM, shut down."""
     import ray
     from ray import serve
@@ -532,6 +633,9 @@ def serve_forever(args: AppArgs, *, host: Optional[str] = None, port: Optional[i
     spec = plan.serve
     host = host or spec.host
     port = port or spec.port
+    warning = check_exposure(host, plan.has_token, insecure)
+    if warning:
+        print(f"raygen serve: {warning}", file=sys.stderr, flush=True)
     address = address or os.environ.get("RAY_ADDRESS")
     if not address:
         _check_port(host, port)  # on an own cluster a busy port is certain to fail later, and obscurely
@@ -561,9 +665,10 @@ def serve_forever(args: AppArgs, *, host: Optional[str] = None, port: Optional[i
         # Ray's core worker installs its own SIGTERM handler (it dumps a stack and aborts): take it back
         for s in stop_signals:
             signal.signal(s, _on_signal)
-        app = bind_app(plan)  # sized to the cluster's CPUs, or refused at once when they cannot hold it
+        app = bind_app(plan, deployments=deployments)  # sized to the cluster's CPUs, or refused at once when they cannot hold it
         # the proxy's own timeout sits a little above the app's, so clients get the app's JSON 504 first
-        serve.start(http_options={"host": host, "port": port, "request_timeout_s": spec.request_timeout_s + 5},
+        serve.start(http_options={"host": host, "port": port,
+                                  "request_timeout_s": proxy_timeout_s or spec.request_timeout_s + 5},
                     proxy_location="HeadOnly")
         started_serve = True
         try:
@@ -576,6 +681,8 @@ def serve_forever(args: AppArgs, *, host: Optional[str] = None, port: Optional[i
         lines = [f"raygen serve: {len(plan.models)} model(s) at {url}  (playground {url}/, API docs {url}/docs)"]
         for i, entry in enumerate(plan.models):
             lines.append(f"  {entry.name}: {entry.summary}{'  [default]' if i == 0 else ''}")
+        lines.append(f"  OpenAI images API: {url}/v1/images/generations; token: "
+                     f"{'required' if plan.has_token else 'none (--token-file to require one)'}")
         lines.append(f"  best_of reranking: {plan.reranking}; max_n {spec.max_n}, batch {spec.max_batch_size}, "
                      f"queue {spec.max_queued_requests}, timeout {spec.request_timeout_s:g} s, "
                      f"{spec.replicas} replica(s) per model at {plan.sizing.replica_cpus:g} CPU")

@@ -16,14 +16,17 @@ Ray, so it is tested in plain Python.
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib
 import logging
+import threading
 import time
 from typing import Any, Sequence
 
 import numpy as np
 from ray import serve
 
+from raygen.serving.metrics import metrics
 from raygen.serving.requests import SampleJob
 
 logger = logging.getLogger("ray.serve")
@@ -42,10 +45,12 @@ class BatchSampler:
         self.device = device
         self.merge = merge
         self.shape = tuple(model.data_info.shape)
+        self.family = getattr(model, "family", "") or ""
         # what ran so far (tests and benchmarks read it): batches, model.sample calls, requests, images,
         # and the milliseconds spent in model.sample
         self.batches = self.forward_calls = self.jobs_done = self.images_done = 0
         self.sample_ms = 0.0
+        self.run_id: str | None = None  # the MLflow run of the weights, returned with each result
 
     def run(self, jobs: Sequence[SampleJob]) -> list[dict[str, Any]]:
         """One result per job, in order: {"images": uint8 [n, H, W, C], "seeds", "sample_ms", "batch_images"}
@@ -59,7 +64,7 @@ class BatchSampler:
             except ValueError as err:  # the ingress validated these already: only a version skew gets here
                 results[i] = {"error": f"model {self.name!r} rejected the sampling params: {err}", "status": 422}
                 continue
-            key = (job.kind, repr(params.key()))
+            key = (job.kind, repr(params.key()), job.size)  # one forward call draws one size
             groups.setdefault(key, (params, []))[1].append(i)
         for params, members in groups.values():
             group = [jobs[i] for i in members]
@@ -68,7 +73,7 @@ class BatchSampler:
             else:
                 out = [self._alone(job, params) for job in group]
             for i, result in zip(members, out):
-                results[i] = result
+                results[i] = {**result, "run_id": self.run_id} if "images" in result else result
         return results
 
     def _forward(self, jobs: Sequence[SampleJob], params) -> tuple[np.ndarray, list[int], float]:
@@ -82,12 +87,18 @@ class BatchSampler:
         conditions = Conditions.cat([Conditions.repeat(job.kind, job.condition, job.n) for job in jobs])
         seeds = [s for job in jobs for s in image_seeds(job.seed, job.n)]
         self.forward_calls += 1
+        size = jobs[0].size  # equal within a merged group (the group key holds it)
         with torch.inference_mode():
-            images = self.model.sample(conditions, params, make_generators(seeds, self.device))
+            generators = make_generators(seeds, self.device)
+            if size is None:
+                images = self.model.sample(conditions, params, generators)
+            else:  # the request checked that the model can render (requests.render_size)
+                images = self.model.render(conditions, params, generators, *size)
         self.jobs_done += len(jobs)
         self.images_done += len(seeds)
         self.sample_ms += (time.perf_counter() - t0) * 1e3
-        expected = (len(seeds), *self.shape)
+        metrics().sampled(self.name, self.family, len(seeds), time.perf_counter() - t0)
+        expected = (len(seeds), *self.shape) if size is None else (len(seeds), self.shape[0], *size)
         if tuple(images.shape) != expected:
             raise RuntimeError(f"model {self.name!r} returned images of shape {tuple(images.shape)}, "
                                f"expected {expected}")
@@ -200,15 +211,65 @@ def load_sampler(name: str, uri: str, *, tracking_uri: str | None, imports: list
     import torch
 
     from raygen.exports import load_generator
-    from raygen.serving.loading import import_modules, model_card
+    from raygen.serving.loading import import_modules, model_card, registry_info
 
     import_modules(imports)
     loaded = load_generator(uri, tracking_uri)
     device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
     model = loaded.model.to(device).eval()
     logger.info("generator %s loaded from %s on %s", name, uri, device)
-    return BatchSampler(model, name=name, device=device, merge=merge), {**model_card(loaded, name=name),
-                                                                       "device": device}
+    card = {**model_card(loaded, name=name), "device": device, "registry": registry_info(uri, tracking_uri)}
+    sampler = BatchSampler(model, name=name, device=device, merge=merge)
+    sampler.run_id = card["run_id"]
+    return sampler, card
+
+
+class ModelSlot:
+    """The model a replica samples with now.
+
+    For a `models:/NAME@ALIAS` URI and `poll_s` > 0, a thread asks the registry
+    every `poll_s` where the alias points; when it moves, the new version is
+    loaded beside the old one and swapped in between batches: a batch already
+    running finishes on the old model, the next one runs on the new one, and no
+    request is dropped or refused. Responses carry the run_id of the weights
+    that drew them, so a client sees the switch."""
+
+    def __init__(self, name: str, uri: str, *, tracking_uri: str | None, imports: list[str], use_gpu: bool,
+                 merge: bool, replicas: int, poll_s: float = 0.0):
+        self.name, self.uri, self.tracking_uri, self.poll_s = name, uri, tracking_uri, poll_s
+        self._load = functools.partial(load_sampler, name, uri, tracking_uri=tracking_uri, imports=imports,
+                                       use_gpu=use_gpu, merge=merge)
+        self.sampler, info = self._load()
+        self.info = {**info, "replicas": replicas}
+        self.swaps = 0
+        self._stop = threading.Event()
+        registry = info.get("registry") or {}
+        if poll_s > 0 and registry.get("alias"):
+            threading.Thread(target=self._follow, daemon=True, name=f"raygen-follow-{name}").start()
+
+    def run(self, jobs: Sequence[SampleJob]) -> list[dict[str, Any]]:
+        return self.sampler.run(jobs)  # read once: a whole batch runs on one model
+
+    def close(self) -> None:
+        self._stop.set()
+
+    def _follow(self) -> None:
+        from raygen.serving.loading import registry_info
+
+        while not self._stop.wait(self.poll_s):
+            try:
+                now = registry_info(self.uri, self.tracking_uri)["version"]
+                if now == self.info["registry"]["version"]:
+                    continue
+                sampler, info = self._load()
+            except Exception as err:  # noqa: BLE001 - a registry hiccup keeps the model that serves now
+                logger.warning("following %s for %s failed (%s); keeping version %s", self.uri, self.name, err,
+                               self.info["registry"]["version"])
+                continue
+            self.sampler, self.info = sampler, {**info, "replicas": self.info["replicas"]}
+            self.swaps += 1
+            logger.info("%s now serves %s version %s (run %s)", self.name, self.uri, info["registry"]["version"],
+                        info["run_id"])
 
 
 def sampler_stats(sampler: BatchSampler) -> dict[str, float]:
@@ -222,19 +283,18 @@ class GeneratorServer:
 
     def __init__(self, name: str, uri: str, *, tracking_uri: str | None, imports: list[str],
                  max_batch_size: int, batch_wait_timeout_s: float, replicas: int, use_gpu: bool,
-                 merge: bool = True):
-        self.sampler, info = load_sampler(name, uri, tracking_uri=tracking_uri, imports=imports, use_gpu=use_gpu,
-                                          merge=merge)
-        self.batcher = ContinuousBatcher(self.sampler.run, max_batch_size=max_batch_size,
+                 merge: bool = True, alias_poll_s: float = 0.0):
+        self.slot = ModelSlot(name, uri, tracking_uri=tracking_uri, imports=imports, use_gpu=use_gpu, merge=merge,
+                              replicas=replicas, poll_s=alias_poll_s)
+        self.batcher = ContinuousBatcher(self.slot.run, max_batch_size=max_batch_size,
                                          batch_wait_timeout_s=batch_wait_timeout_s)
-        self._info = {**info, "replicas": replicas}
 
     async def info(self) -> dict[str, Any]:
-        return self._info
+        return self.slot.info
 
     async def stats(self) -> dict[str, int]:
         """Counters since start: batches, model.sample calls, and the requests and images they sampled."""
-        return sampler_stats(self.sampler)
+        return sampler_stats(self.slot.sampler)
 
     async def generate(self, job: SampleJob) -> dict[str, Any]:
         """Returns {"images": uint8 [n, H, W, C], "seeds", "sample_ms", "batch_images"} or {"error", "status"}."""
@@ -270,10 +330,10 @@ class LocalGenerator:
     serve.max_queued_requests, as for a separate generator replica); more
     are refused with `QueueFull`."""
 
-    def __init__(self, batcher: ContinuousBatcher, info: dict[str, Any], *, max_in_flight: int):
+    def __init__(self, batcher: ContinuousBatcher, slot: "ModelSlot", *, max_in_flight: int):
         self.batcher = batcher
         self.max_in_flight = max_in_flight
-        self._info = info
+        self.slot = slot
         self.generate = _LocalMethod(self._generate)
         self.info = _LocalMethod(self._describe)
 
@@ -283,7 +343,17 @@ class LocalGenerator:
         return await self.batcher.submit(job)
 
     async def _describe(self) -> dict[str, Any]:
-        return self._info
+        return self.slot.info
+
+
+def local_generator(name: str, uri: str, *, tracking_uri: str | None, imports: list[str], use_gpu: bool,
+                    merge: bool, max_batch_size: int, batch_wait_timeout_s: float, max_queued_requests: int,
+                    replicas: int, alias_poll_s: float = 0.0) -> tuple[ModelSlot, LocalGenerator]:
+    """A model loaded in this process behind its batcher, shaped like a deployment handle."""
+    slot = ModelSlot(name, uri, tracking_uri=tracking_uri, imports=imports, use_gpu=use_gpu, merge=merge,
+                     replicas=replicas, poll_s=alias_poll_s)
+    batcher = ContinuousBatcher(slot.run, max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s)
+    return slot, LocalGenerator(batcher, slot, max_in_flight=2 * max_batch_size + max_queued_requests)
 
 
 @serve.deployment
@@ -300,53 +370,150 @@ class ModelServer:
     def __init__(self, name: str, uri: str, scorer: Any, *, card: dict, tracking_uri: str | None,
                  imports: list[str], max_batch_size: int, batch_wait_timeout_s: float, max_queued_requests: int,
                  replicas: int, use_gpu: bool, max_n: int, request_timeout_s: float, reranking: str,
-                 merge: bool = True):
-        from raygen.serving.ingress import Frontend
+                 merge: bool = True, http: dict | None = None, alias_poll_s: float = 0.0):
+        from raygen.serving.ingress import Frontend, HttpOptions
 
-        self.sampler, info = load_sampler(name, uri, tracking_uri=tracking_uri, imports=imports, use_gpu=use_gpu,
-                                          merge=merge)
-        batcher = ContinuousBatcher(self.sampler.run, max_batch_size=max_batch_size,
-                                    batch_wait_timeout_s=batch_wait_timeout_s)
-        local = LocalGenerator(batcher, {**info, "replicas": replicas},
-                               max_in_flight=2 * max_batch_size + max_queued_requests)
+        self.slot, local = local_generator(
+            name, uri, tracking_uri=tracking_uri, imports=imports, use_gpu=use_gpu, merge=merge,
+            max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s,
+            max_queued_requests=max_queued_requests, replicas=replicas, alias_poll_s=alias_poll_s)
+        self.http = HttpOptions.model_validate(http or {})
         self.front = Frontend({name: local}, scorer, cards=[card], default_model=name, max_n=max_n,
-                              request_timeout_s=request_timeout_s, reranking=reranking)
+                              request_timeout_s=request_timeout_s, reranking=reranking, files=self.http.file_store())
 
     async def stats(self) -> dict[str, int]:
-        return sampler_stats(self.sampler)
+        return sampler_stats(self.slot.sampler)
 
     def __serve_build_asgi_app__(self):
         from raygen.serving.ingress import make_api
 
-        return make_api(self.front)
+        return make_api(self.front, **self.http.api_kwargs())
+
+
+class BatchScorer:
+    """Reranks the candidates of many requests with few scorer calls: the requests a
+    `ContinuousBatcher` collected are scored together (one `similarity` call per image
+    size, each image against its own request's text), then each request keeps its best k,
+    best first (a stable sort: ties keep the generation order, as `BestOfN` does)."""
+
+    def __init__(self, scorer):
+        self.scorer = scorer
+        self.calls = self.requests = 0
+
+    def run(self, jobs: Sequence[tuple[str, np.ndarray, int]]) -> list:
+        import torch
+
+        results: list = [None] * len(jobs)
+        groups: dict[tuple, list[int]] = {}
+        for i, (_, images, _) in enumerate(jobs):
+            groups.setdefault(tuple(images.shape[1:]), []).append(i)
+        for members in groups.values():
+            images = np.concatenate([jobs[i][1] for i in members])
+            texts = [jobs[i][0] for i in members for _ in range(len(jobs[i][1]))]
+            batch = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div(255.0)
+            try:
+                with torch.inference_mode():
+                    scores = torch.as_tensor(self.scorer.similarity(batch, texts)).float().cpu().view(-1)
+                if scores.numel() != len(texts):
+                    raise RuntimeError(f"the scorer returned {scores.numel()} scores for {len(texts)} images")
+            except Exception as err:  # noqa: BLE001 - each request of the group hears of it
+                for i in members:
+                    results[i] = err
+                continue
+            self.calls += 1
+            start = 0
+            for i in members:
+                n, k = len(jobs[i][1]), jobs[i][2]
+                own = scores[start:start + n]
+                order = torch.sort(own, descending=True, stable=True).indices[:k]
+                results[i] = {"order": [int(j) for j in order], "scores": [float(own[j]) for j in order]}
+                start += n
+        self.requests += len(jobs)
+        return results
 
 
 @serve.deployment
 class ScorerServer:
-    """Best-of-n reranking: scores candidates against a text with a CLIP-style
-    scorer (`raygen.metrics.load_scorer`) and keeps the best k (`raygen.metrics.BestOfN`)."""
+    """Best-of-n reranking for every generator: scores candidates against a text with a
+    CLIP-style scorer (`raygen.metrics.load_scorer`, anything with `similarity(images,
+    texts)`) and keeps the best k. Concurrent requests are scored in one batch
+    (`BatchScorer`)."""
 
     def __init__(self, spec: str, loader: str, *, tracking_uri: str | None, imports: list[str] = (),
-                 use_gpu: bool):
+                 use_gpu: bool, max_batch_size: int = 16):
         import torch
 
-        from raygen.metrics import BestOfN
         from raygen.serving.loading import import_modules
 
         import_modules(list(imports))
         device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         module, _, func = loader.partition(":")
         scorer = getattr(importlib.import_module(module), func)(spec, device=device, tracking_uri=tracking_uri)
-        self.reranker = BestOfN(scorer)
+        self.scorer = BatchScorer(scorer)
+        self.batcher = ContinuousBatcher(self.scorer.run, max_batch_size=max_batch_size, batch_wait_timeout_s=0.0)
         logger.info("scorer %s loaded on %s", spec, device)
 
     async def rerank(self, text: str, images: np.ndarray, k: int) -> dict[str, list]:
         """images: uint8 [n, H, W, C]. Returns the indices of the best k (best first) and their scores."""
-        return await asyncio.to_thread(self._rerank, text, images, k)
+        return await self.batcher.submit((text, images, k))
 
-    def _rerank(self, text: str, images: np.ndarray, k: int) -> dict[str, list]:
-        import torch
+    async def stats(self) -> dict[str, int]:
+        return {"requests": self.scorer.requests, "calls": self.scorer.calls}
 
-        batch = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div(255.0)
-        _, scores, order = self.reranker.rerank(text, batch, k)
-        return {"order": [int(i) for i in order], "scores": [float(s) for s in scores]}
+
+class MultiplexedHandle:
+    """One multiplexed model seen as a generator handle (`.generate.remote(job)`, `.info.remote()`):
+    calls go to the shared multiplex deployment, routed by Serve to a replica that holds the model."""
+
+    def __init__(self, handle, model_id: str):
+        self.generate = _LocalMethod(lambda job: _awaiting(
+            handle.options(multiplexed_model_id=model_id).generate.remote(job)))
+        self.info = _LocalMethod(lambda: _awaiting(handle.info.remote(model_id)))
+
+
+async def _awaiting(response):
+    try:
+        return await response
+    except asyncio.CancelledError:
+        response.cancel()  # a caller's timeout frees the replica's slot
+        raise
+
+
+def multiplex_deployment(per_replica: int):
+    """The deployment class holding many models (fine-tunes) per replica: a model is loaded when a
+    request first names it, and the least recently used is dropped when a replica holds `per_replica`
+    (`serve.multiplexed`). Requests select it by their `model` field; the ingress routes them."""
+
+    @serve.deployment
+    class MultiplexServer:
+        def __init__(self, uris: dict[str, str], cards: dict[str, dict], *, tracking_uri: str | None,
+                     imports: list[str], max_batch_size: int, batch_wait_timeout_s: float, use_gpu: bool,
+                     merge: bool = True):
+            from raygen.serving.loading import import_modules
+
+            import_modules(imports)
+            self.uris, self.cards = uris, cards
+            self.options = dict(tracking_uri=tracking_uri, imports=imports, use_gpu=use_gpu, merge=merge)
+            self.batching = dict(max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s)
+            self.loads = 0
+            self.device = "cuda" if use_gpu else "cpu"
+
+        @serve.multiplexed(max_num_models_per_replica=per_replica)
+        async def model(self, model_id: str) -> ContinuousBatcher:
+            if model_id not in self.uris:
+                raise KeyError(f"no multiplexed model {model_id!r}")
+            sampler, _ = await asyncio.to_thread(load_sampler, model_id, self.uris[model_id], **self.options)
+            self.loads += 1
+            return ContinuousBatcher(sampler.run, **self.batching)
+
+        async def generate(self, job: SampleJob) -> dict[str, Any]:
+            batcher = await self.model(serve.get_multiplexed_model_id())
+            return await batcher.submit(job)
+
+        async def info(self, model_id: str) -> dict[str, Any]:
+            return {**self.cards[model_id], "device": self.device, "replicas": 1, "multiplexed": True}
+
+        async def stats(self) -> dict[str, Any]:
+            return {"loads": self.loads}
+
+    return MultiplexServer

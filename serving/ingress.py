@@ -12,6 +12,7 @@ logic without FastAPI or Ray: tests drive it with stand-in deployment handles.
 """
 # No `from __future__ import annotations`: FastAPI reads the routes' annotations at run time.
 import asyncio
+import base64
 import json
 import logging
 import time
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from fastapi import FastAPI, Request
+from pydantic import BaseModel, ConfigDict, Field
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -28,8 +30,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from raygen.images import grid, png_base64, png_bytes
 from raygen.serving.deployments import QueueFull
-from raygen.serving.requests import RequestError, ServedModel, resolve
-from raygen.serving.schema import ErrorBody, GenerateResponse, HealthResponse, ModelsResponse, request_schemas
+from raygen.serving.guard import DEFAULT_MAX_BODY_BYTES, Guard, error_body
+from raygen.serving.metrics import metrics
+from raygen.serving.openai_images import (MEDIA_TYPES, FileStore, ImagesRequest, check_size, default_files_dir,
+                                          encode, parse_openai, size_fields, to_generate_body)
+from raygen.serving.requests import RequestError, ServedModel, pick_model, resolve
+from raygen.serving.schema import (ErrorBody, GenerateResponse, HealthResponse, ImagesResponse, ModelsResponse,
+                                   OpenAIErrorBody, request_schemas)
 
 logger = logging.getLogger("ray.serve")
 
@@ -37,7 +44,7 @@ PAGE = (Path(__file__).parent / "static" / "index.html").read_text(encoding="utf
 TITLE = "raygen"
 DESCRIPTION = ("Generate images with models trained by raygen. `POST /v1/generate` with JSON; `GET /v1/models` "
                "lists the models, their condition, their sampling parameters (JSON schema) and their data.")
-_ERRORS = {code: {"model": ErrorBody} for code in (400, 404, 422, 501, 503, 504)}
+_ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 404, 413, 422, 501, 503, 504)}
 
 
 def error(status: int, message: str, field: Optional[str] = None, headers: Optional[dict] = None) -> JSONResponse:
@@ -65,7 +72,8 @@ class Frontend:
     in tests); `scorer` likewise has `.rerank.remote(text, images, k)`."""
 
     def __init__(self, generators: dict[str, Any], scorer: Optional[Any], *, cards: list[dict], default_model: str,
-                 max_n: int, request_timeout_s: float, reranking: str, params_classes: Optional[dict] = None):
+                 max_n: int, request_timeout_s: float, reranking: str, params_classes: Optional[dict] = None,
+                 files: Optional[FileStore] = None):
         self.generators = generators
         self.scorer = scorer
         self.cards = cards
@@ -74,11 +82,12 @@ class Frontend:
         self.max_n = max_n
         self.timeout = request_timeout_s
         self.reranking = reranking
+        self.files = files
         self._infos: Optional[dict[str, dict]] = None
         self._lock = asyncio.Lock()
 
     async def infos(self) -> dict[str, dict]:
-        """Model descriptions, asked of each generator once (they do not change while serving)."""
+        """Model descriptions as first asked of each generator: the readiness check (/v1/models asks afresh)."""
         if self._infos is None:
             async with self._lock:
                 if self._infos is None:
@@ -95,28 +104,30 @@ class Frontend:
         return {"status": "ok", "models": list(infos), "reranking": self.reranking}
 
     async def list_models(self):
-        infos = await self.infos()
-        return {"models": list(infos.values()), "default_model": self.default_model, "max_n": self.max_n,
+        await self.infos()
+        names = list(self.generators)
+        # asked afresh: a model that follows a registry alias changes version while serving
+        infos = await asyncio.gather(*(self.generators[n].info.remote() for n in names))
+        return {"models": list(infos), "default_model": self.default_model, "max_n": self.max_n,
                 "reranking": self.reranking}
 
-    async def generate(self, body: Any):
-        start = time.perf_counter()
-        deadline = start + self.timeout
-        try:
-            plan = resolve(body, self.models, default_model=self.default_model, max_n=self.max_n,
-                           reranking=self.reranking)
-        except RequestError as err:
-            return error(err.status, err.message, err.field)
+    async def _ready(self) -> None:
         if self._infos is None:
             try:
                 await asyncio.wait_for(self.infos(), timeout=self.timeout)
             except Exception as err:  # noqa: BLE001 - generators that cannot describe themselves are not ready
-                return error(503, f"models are not ready: {short(err)}", headers={"Retry-After": "5"})
+                raise RequestError(f"models are not ready: {short(err)}", None, 503, headers={"Retry-After": "5"},
+                                   code="not_ready") from None
 
+    async def _sample(self, plan, deadline: float) -> tuple[Any, list[int], list, Optional[str]]:
+        """(images uint8 [k, H, W, C], their seeds, their scores or Nones, the run_id of the weights);
+        failures raise RequestError."""
+        await self._ready()
         try:
             result = await self._call(self.generators[plan.model].generate.remote(plan.job), deadline)
             if "error" in result:
-                return error(result["status"], result["error"])
+                raise RequestError(result["error"], None, result["status"],
+                                   code="model_rejected" if result["status"] == 422 else "generation_failed")
             images, seeds = result["images"], list(result["seeds"])
             scores: list = [None] * plan.keep
             if plan.rerank_text is not None:
@@ -125,18 +136,34 @@ class Frontend:
                 images, seeds, scores = images[order], [seeds[i] for i in order], [float(s) for s in ranked["scores"]]
             else:
                 images, seeds = images[:plan.keep], seeds[:plan.keep]
+        except RequestError:
+            raise
         except asyncio.TimeoutError:
-            return error(504, f"generation did not finish within {self.timeout:g} s (serve.request_timeout_s)")
+            raise RequestError(f"generation did not finish within {self.timeout:g} s (serve.request_timeout_s)",
+                               None, 504, code="timeout") from None
         except (BackPressureError, QueueFull):
-            return error(503, "the server is busy: the model's queue is full (serve.max_queued_requests); retry shortly",
-                         headers={"Retry-After": "1"})
+            metrics().rejected(plan.model)
+            raise RequestError("the server is busy: the model's queue is full (serve.max_queued_requests); retry "
+                               "shortly", None, 503, headers={"Retry-After": "1"}, code="server_busy") from None
         except DeploymentUnavailableError as err:
-            return error(503, f"the model is unavailable: {short(err)}", headers={"Retry-After": "5"})
+            raise RequestError(f"the model is unavailable: {short(err)}", None, 503, headers={"Retry-After": "5"},
+                               code="model_unavailable") from None
         except Exception as err:  # noqa: BLE001 - a failed replica call is a 500 with a message, not a traceback
             logger.exception("generate failed for %r", plan)
-            return error(500, f"internal error: {short(err)}")
+            raise RequestError(f"internal error: {short(err)}", None, 500, code="internal_error") from None
+        return images, seeds, scores, result.get("run_id") or self.models[plan.model].card["run_id"]
 
-        run_id = self.models[plan.model].card["run_id"]
+    async def generate(self, body: Any):
+        start = time.perf_counter()
+        try:
+            plan = resolve(body, self.models, default_model=self.default_model, max_n=self.max_n,
+                           reranking=self.reranking)
+            images, seeds, scores, run_id = await self._sample(plan, start + self.timeout)
+        except RequestError as err:
+            metrics().answered(body.get("model") if isinstance(body, dict) else None, "generate", err.status)
+            return error(err.status, err.message, err.field, err.headers)
+        metrics().answered(plan.model, "generate", 200)
+
         if plan.format == "png":
             body = await asyncio.to_thread(lambda: png_bytes(images[0] if len(images) == 1 else grid(images)))
             headers = {"X-Raygen-Model": plan.model, "X-Raygen-Seed": str(plan.job.seed),
@@ -155,6 +182,59 @@ class Frontend:
                                         for b, s, sc in zip(encoded, seeds, scores)],
                              "seed": plan.job.seed, "elapsed_ms": round((time.perf_counter() - start) * 1e3, 2)})
 
+    async def images_generations(self, body: Any, base_url: str):
+        """OpenAI's `POST /v1/images/generations` (see `raygen.serving.openai_images`)."""
+        start = time.perf_counter()
+        path = "/v1/images/generations"
+        try:
+            req, rest = parse_openai(body)
+            model = pick_model(req.model, self.models, self.default_model)
+            size = check_size(req.size, model)
+            generate_body, used = to_generate_body(req, rest, model)
+            generate_body.update(size_fields(size, model))  # a render-capable model draws at the asked size
+            try:
+                plan = resolve(generate_body, self.models, default_model=self.default_model, max_n=self.max_n,
+                               reranking=self.reranking)
+            except RequestError as err:
+                # OpenAI answers a bad value with 400; raygen's own rules say 422
+                raise RequestError(err.message, err.field, 400 if err.status == 422 else err.status) from None
+            if req.response_format == "url" and self.files is None:
+                raise RequestError("this server keeps no files: use response_format b64_json", "response_format",
+                                   400)
+            images, seeds, scores, run_id = await self._sample(plan, start + self.timeout)
+        except RequestError as err:
+            metrics().answered(body.get("model") if isinstance(body, dict) else None, "images", err.status)
+            code = err.code or {404: "model_not_found"}.get(err.status)
+            return JSONResponse(error_body(path, err.status, err.message, err.field, code),
+                                status_code=err.status, headers=err.headers)
+        metrics().answered(plan.model, "images", 200)
+        fmt = req.output_format or "png"
+
+        def encode_all():
+            return [encode(im, fmt, req.output_compression) for im in images]
+
+        blobs = encode_all() if images[0].size * len(images) <= 65536 else await asyncio.to_thread(encode_all)
+        data = []
+        for blob, seed, score in zip(blobs, seeds, scores):
+            item = {"revised_prompt": used, "seed": seed, "score": score}
+            if req.response_format == "url":
+                name, expires = await asyncio.to_thread(self.files.put, blob, fmt)
+                item.update(url=f"{base_url.rstrip('/')}/v1/files/{name}", expires_at=expires)
+            else:
+                item["b64_json"] = base64.b64encode(blob).decode("ascii")
+            data.append(item)
+        return JSONResponse({"created": int(time.time()), "data": data, "size": size, "output_format": fmt,
+                             "model": plan.model, "run_id": run_id,
+                             "seed": plan.job.seed})
+
+    def file(self, name: str):
+        found = self.files.get(name) if self.files is not None else None
+        if found is None:
+            return JSONResponse(error_body("/v1/files/", 404, f"no file {name[:80]!r}: unknown or expired"),
+                                status_code=404)
+        data, media_type = found
+        return Response(data, media_type=media_type, headers={"Cache-Control": "private, max-age=3600"})
+
     async def _call(self, response, deadline: float):
         """Await a deployment call within what is left of the request's time; cancel it when time is up."""
         try:
@@ -168,24 +248,56 @@ class Frontend:
                                reranking=self.reranking)
 
 
-def make_api(front: Frontend) -> FastAPI:
-    """The FastAPI app of one ingress replica."""
-    api = FastAPI(title=TITLE, version="0.2.0", description=DESCRIPTION)
+class HttpOptions(BaseModel):
+    """What the front door checks and keeps, the same on every replica (`AppArgs.http_options()`)."""
+    model_config = ConfigDict(extra="forbid")
+
+    max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, ge=1024)
+    token_sha256: Optional[str] = Field(None, pattern="^[0-9a-f]{64}$")
+    files_dir: Optional[str] = None
+    files_ttl_s: float = Field(3600.0, gt=0)
+
+    def file_store(self) -> FileStore:
+        return FileStore(self.files_dir or default_files_dir(), self.files_ttl_s)
+
+    def api_kwargs(self) -> dict:
+        return {"max_body_bytes": self.max_body_bytes, "token_sha256": self.token_sha256}
+
+
+def _shaped(request: Request, status: int, message: str, field: Optional[str] = None,
+            headers: Optional[dict] = None) -> JSONResponse:
+    """An error in the shape of the route asked for (OpenAI's under /v1/images/)."""
+    return JSONResponse(error_body(request.url.path, status, message, field), status_code=status, headers=headers)
+
+
+async def _json_body(request: Request) -> Any:
+    raw = await request.body()
+    try:
+        return json.loads(raw)
+    except ValueError as err:  # JSONDecodeError and UnicodeDecodeError
+        raise RequestError(f"malformed JSON body: {err}", "body") from None
+
+
+def make_api(front: Frontend, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+             token_sha256: Optional[str] = None) -> FastAPI:
+    """The FastAPI app of one ingress replica, behind the token and body-size checks (`guard.Guard`)."""
+    api = FastAPI(title=TITLE, version="0.3.0", description=DESCRIPTION)
+    api.add_middleware(Guard, max_body_bytes=max_body_bytes, token_sha256=token_sha256)
 
     @api.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = (exc.errors() or [{"loc": ("body",), "msg": "invalid request"}])[0]
         loc = [str(p) for p in first["loc"][1:]] or ["body"]
-        return error(422, f"{loc[0]}: {first['msg']}", loc[0])
+        return _shaped(request, 422, f"{loc[0]}: {first['msg']}", loc[0])
 
     @api.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error(exc.status_code, str(exc.detail), None, getattr(exc, "headers", None))
+        return _shaped(request, exc.status_code, str(exc.detail), None, getattr(exc, "headers", None))
 
     @api.exception_handler(Exception)
     async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error(500, f"internal error: {short(exc)}")
+        return _shaped(request, 500, f"internal error: {short(exc)}")
 
     @api.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def playground() -> HTMLResponse:
@@ -203,12 +315,31 @@ def make_api(front: Frontend) -> FastAPI:
               responses={**_ERRORS, 200: {"content": {"image/png": {}},
                                           "description": "JSON, or one PNG when format is png"}})
     async def generate(request: Request):
-        raw = await request.body()
         try:
-            body = json.loads(raw)
-        except ValueError as err:  # JSONDecodeError and UnicodeDecodeError
-            return error(422, f"malformed JSON body: {err}", "body")
+            body = await _json_body(request)
+        except RequestError as err:
+            return error(err.status, err.message, err.field)
         return await front.generate(body)
+
+    @api.post("/v1/images/generations", response_model=ImagesResponse,
+              responses={code: {"model": OpenAIErrorBody} for code in (400, 401, 404, 413, 422, 429, 503, 504)})
+    async def images_generations(request: Request):
+        try:
+            body = await _json_body(request)
+        except RequestError as err:
+            return _shaped(request, 400, err.message, err.field)
+        return await front.images_generations(body, str(request.base_url))
+
+    @api.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+    async def prometheus_metrics():
+        """raygen's metrics of this process (a replica) in Prometheus text; in a Ray cluster the same
+        metrics, summed over replicas, are exported with Serve's by Ray (`ray_raygen_*`)."""
+        return Response(metrics().text(), media_type="text/plain; version=0.0.4")
+
+    @api.get("/v1/files/{name}", response_class=Response,
+             responses={200: {"content": {m: {} for m in MEDIA_TYPES.values()}}, 404: {"model": ErrorBody}})
+    async def files(name: str):
+        return front.file(name)
 
     def openapi() -> dict:
         if api.openapi_schema is None:
@@ -218,6 +349,14 @@ def make_api(front: Frontend) -> FastAPI:
             schema.setdefault("components", {}).setdefault("schemas", {}).update(components)
             schema["paths"]["/v1/generate"]["post"]["requestBody"] = {
                 "required": True, "content": {"application/json": {"schema": body}}}
+            images = ImagesRequest.model_json_schema()
+            images["additionalProperties"] = True  # extra_body: seed, best_of, the condition, family parameters
+            images["description"] = ("OpenAI's images request; any other field is passed on as in /v1/generate "
+                                     "(seed, best_of, k, the model's condition and sampling parameters)")
+            schema["components"]["schemas"]["ImagesRequest"] = images
+            schema["paths"]["/v1/images/generations"]["post"]["requestBody"] = {
+                "required": True, "content": {"application/json": {"schema": {
+                    "$ref": "#/components/schemas/ImagesRequest"}}}}
             api.openapi_schema = schema
         return api.openapi_schema
 
@@ -231,12 +370,18 @@ class Ingress:
     """The ingress deployment; its FastAPI app is built after the constructor (`__serve_build_asgi_app__`)."""
 
     def __init__(self, generators: dict[str, Any], scorer: Optional[Any], *, cards: list[dict], imports: list[str],
-                 default_model: str, max_n: int, request_timeout_s: float, reranking: str):
+                 default_model: str, max_n: int, request_timeout_s: float, reranking: str,
+                 http: Optional[dict] = None, multiplexed: Optional[dict] = None):
+        from raygen.serving.deployments import MultiplexedHandle
         from raygen.serving.loading import import_modules
 
         import_modules(imports)  # the families of the served models: their params classes check requests here
+        generators = dict(generators)
+        for name in (multiplexed or {}).get("models", []):  # many models behind one deployment
+            generators[name] = MultiplexedHandle(multiplexed["handle"], name)
+        self.http = HttpOptions.model_validate(http or {})
         self.front = Frontend(generators, scorer, cards=cards, default_model=default_model, max_n=max_n,
-                              request_timeout_s=request_timeout_s, reranking=reranking)
+                              request_timeout_s=request_timeout_s, reranking=reranking, files=self.http.file_store())
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return make_api(self.front)
+        return make_api(self.front, **self.http.api_kwargs())

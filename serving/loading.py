@@ -71,17 +71,21 @@ def condition_schema(kind, info) -> dict[str, Any]:
     if kind.name == "scene":
         objects = info.condition_columns.get(getattr(kind, "objects_column", "scene"))
         if objects and objects.get("fields"):
-            def row(fields):
-                return {"type": "object", "additionalProperties": False, "required": list(fields),
-                        "properties": {f: {"type": "number"} for f in fields}}
+            def row(column):
+                # the data's value ranges, when it records them, bound each field (the model refuses others)
+                ranges = column.get("ranges") or {}
+                return {"type": "object", "additionalProperties": False, "required": list(column["fields"]),
+                        "properties": {f: {"type": "number", **({"minimum": ranges[f][0], "maximum": ranges[f][1]}
+                                                                if f in ranges else {})}
+                                       for f in column["fields"]}}
             schema = {"type": "object", "additionalProperties": False, "required": ["objects"],
                       "description": kind.description,
-                      "properties": {"objects": {"type": "array", "items": row(objects["fields"]), "minItems": 1}}}
+                      "properties": {"objects": {"type": "array", "items": row(objects), "minItems": 1}}}
             if objects.get("max_len"):
                 schema["properties"]["objects"]["maxItems"] = int(objects["max_len"])
             globals_ = info.condition_columns.get(getattr(kind, "globals_column", "scene_globals"))
             if globals_ and globals_.get("fields"):
-                schema["properties"]["globals"] = row(globals_["fields"])
+                schema["properties"]["globals"] = row(globals_)
                 schema["required"].append("globals")
             return schema
     return {**kind.json_schema, "description": kind.description}
@@ -120,8 +124,32 @@ def model_card(loaded, *, name: str) -> dict[str, Any]:
         "run_id": str(run_id) if run_id is not None else None,
         "source": loaded.source,
         "parameters": sum(p.numel() for p in model.parameters()),
+        "memory_bytes": memory_bytes(model),
         "data": info.to_dict(),
     }
+
+
+def registry_info(uri: str, tracking_uri: str | None) -> dict[str, Any] | None:
+    """{"name", "version", "alias"} for a `models:/NAME/VERSION` or `models:/NAME@ALIAS` URI
+    (the alias resolved to the version it points at now); None for anything else."""
+    match = re.fullmatch(r"models:/([^/@]+)(?:/(\d+)|@([A-Za-z0-9_\-]+))/?", uri)
+    if not match:
+        return None
+    name, version, alias = match.groups()
+    if alias is not None:
+        import mlflow
+
+        from raygen.tracking.models import using_store
+
+        with using_store(tracking_uri):
+            version = mlflow.MlflowClient().get_model_version_by_alias(name, alias).version
+    return {"name": name, "version": int(version), "alias": alias}
+
+
+def memory_bytes(model) -> int:
+    """Bytes of a model's parameters and buffers (its weights in memory)."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    return int(sum(t.numel() * t.element_size() for t in tensors))
 
 
 def summary(card: dict[str, Any]) -> str:

@@ -15,17 +15,20 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from raygen.serving.schema import MAX_SEED, GenerateCommon
+from raygen.serving.schema import MAX_RENDER_PIXELS, MAX_SEED, GenerateCommon
 
 
 class RequestError(Exception):
     """A request the server will not run; becomes `{"error", "field"}` with `status`."""
 
-    def __init__(self, message: str, field: str | None = None, status: int = 422):
+    def __init__(self, message: str, field: str | None = None, status: int = 422, *,
+                 headers: dict | None = None, code: str | None = None):
         super().__init__(message)
         self.message = message
         self.field = field
         self.status = status
+        self.headers = headers  # e.g. Retry-After with a 503
+        self.code = code        # a short machine-readable reason (OpenAI's error.code)
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,7 @@ class SampleJob:
     kind: str
     condition: Any               # the parsed condition value (None: unconditioned)
     params: dict[str, Any]       # validated sampling params, as JSON values
+    size: tuple[int, int] | None = None  # (height, width) to render at; None: the model's own size
 
 
 @dataclass(frozen=True)
@@ -92,18 +96,23 @@ def integer_fields(cls: type) -> frozenset[str]:
                      {"integer"})
 
 
+def field_error(err: ValidationError, status: int = 422) -> RequestError:
+    """The first problem of a pydantic error as a RequestError naming its field (and the value sent)."""
+    first = err.errors()[0]
+    field = str(first["loc"][0]) if first["loc"] else None
+    message = f"{field}: {first['msg']}"
+    if "input" in first and not isinstance(first["input"], (dict, list)) and first["type"] != "missing":
+        message += f" (got {first['input']!r})"
+    return RequestError(message, field, status)
+
+
 def _common(body: dict) -> GenerateCommon:
     values = integral({k: v for k, v in body.items() if k in GenerateCommon.model_fields},
                       integer_fields(GenerateCommon))
     try:
         return GenerateCommon.model_validate(values)
     except ValidationError as err:
-        first = err.errors()[0]
-        field = str(first["loc"][0]) if first["loc"] else None
-        message = f"{field}: {first['msg']}"
-        if "input" in first and not isinstance(first["input"], (dict, list)) and first["type"] != "missing":
-            message += f" (got {first['input']!r})"
-        raise RequestError(message, field) from None
+        raise field_error(err) from None
 
 
 def pick_model(name: str | None, models: dict[str, ServedModel], default: str) -> ServedModel:
@@ -156,6 +165,23 @@ def parse_sampling(model: ServedModel, values: dict[str, Any]) -> dict[str, Any]
     return params.model_dump(mode="json")
 
 
+def render_size(model: ServedModel, height: int | None, width: int | None, n: int) -> tuple[int, int] | None:
+    """(height, width) for a model that renders at any size; None when the request leaves both out."""
+    if height is None and width is None:
+        return None
+    field = "height" if height is not None else "width"
+    if "render" not in model.card.get("capabilities", ()):
+        from raygen.models import families_with
+        can = ", ".join(families_with("render")) or "none loaded"
+        raise RequestError(f"model {model.name!r} draws {model.data_info.height}x{model.data_info.width} images and "
+                           f"cannot render at another size (families that can: {can}); leave {field!r} out", field)
+    size = (height or model.data_info.height, width or model.data_info.width)
+    if n * size[0] * size[1] > MAX_RENDER_PIXELS:
+        raise RequestError(f"{n} images of {size[0]}x{size[1]} are {n * size[0] * size[1]} pixels; at most "
+                           f"{MAX_RENDER_PIXELS} per request: lower n, height or width", "n")
+    return size
+
+
 def resolve(body: Any, models: dict[str, ServedModel], *, default_model: str, max_n: int,
             reranking: str, rng_seed: int | None = None) -> Plan:
     """`body` is the parsed JSON. `reranking` is "ready", "off" (no --scorer) or
@@ -200,10 +226,11 @@ def resolve(body: Any, models: dict[str, ServedModel], *, default_model: str, ma
         keep = req.k if req.k is not None else n
         if keep > req.best_of:
             raise RequestError(f"cannot keep {keep} of best_of={req.best_of} candidates; k must be <= best_of", "k")
-        rerank_text = req.prompt or (condition if takes_text else None)
-        names = model.data_info.class_names
-        if rerank_text is None and model.kind.name == "label" and condition is not None and names:
-            rerank_text = names[condition]
+        rerank_text = req.prompt
+        # otherwise the condition as text, for any kind that has one (a caption; a label by its class name)
+        if rerank_text is None and condition is not None and (model.kind.name != "label" or
+                                                              model.data_info.class_names):
+            rerank_text = model.kind.text(condition, model.data_info)
         if rerank_text is None:
             raise RequestError("best_of needs text to score against: give 'prompt' (or 'caption', or a label of a "
                                "model with class names)", "prompt")
@@ -214,5 +241,6 @@ def resolve(body: Any, models: dict[str, ServedModel], *, default_model: str, ma
     if seed + n - 1 > MAX_SEED:
         raise RequestError(f"seed must be at most {MAX_SEED - n + 1} for {n} images (image i uses seed+i), got {seed}",
                            "seed")
-    job = SampleJob(n=n, seed=seed, kind=model.kind.name, condition=condition, params=params)
+    size = render_size(model, req.height, req.width, n)
+    job = SampleJob(n=n, seed=seed, kind=model.kind.name, condition=condition, params=params, size=size)
     return Plan(model=model.name, job=job, keep=keep, rerank_text=rerank_text, format=req.format)

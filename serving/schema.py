@@ -17,6 +17,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 # Seeds are fed to torch.Generator.manual_seed, which takes a 64-bit value.
 MAX_SEED = 2**63 - 1
+#: the largest side a render-capable model draws at, and the most pixels one request may ask for
+#: (n x height x width): a decoder that runs per pixel holds activations for all of them at once
+MAX_RENDER_SIDE = 512
+MAX_RENDER_PIXELS = 2**20
 
 
 class GenerateCommon(BaseModel):
@@ -36,6 +40,12 @@ class GenerateCommon(BaseModel):
     best_of: int | None = Field(None, ge=1, description="generate this many candidates and keep the k best by CLIP "
                                                         "score (needs --scorer)")
     k: int | None = Field(None, ge=1, description="with best_of: how many to return; default n")
+    height: int | None = Field(None, ge=1, le=MAX_RENDER_SIDE,
+                               description="render at this height (models that can render at any size, e.g. inr); "
+                                           "default: the model's own")
+    width: int | None = Field(None, ge=1, le=MAX_RENDER_SIDE,
+                              description="render at this width (models that can render at any size); default: the "
+                                          "model's own")
 
 
 #: the fields every model takes; the condition field and the model's sampling parameters come on top
@@ -61,6 +71,37 @@ class ErrorBody(BaseModel):
     field: str | None = None
 
 
+class OpenAIError(BaseModel):
+    message: str
+    type: str = Field(description="invalid_request_error, authentication_error, rate_limit_error or server_error")
+    param: str | None = Field(None, description="the request field at fault")
+    code: str | None = None
+
+
+class OpenAIErrorBody(BaseModel):
+    error: OpenAIError
+
+
+class ImageData(BaseModel):
+    b64_json: str | None = None
+    url: str | None = Field(None, description="with response_format url: a link under /v1/files/")
+    expires_at: int | None = Field(None, description="unix time after which the url answers 404")
+    revised_prompt: str | None = Field(None, description="the text the model used: the caption or the class name")
+    seed: int
+    score: float | None = Field(None, description="CLIP score when reranked with best_of, else null")
+
+
+class ImagesResponse(BaseModel):
+    """OpenAI's images response, plus raygen's model, run_id and seed."""
+    created: int
+    data: list[ImageData]
+    size: str
+    output_format: Literal["png", "jpeg", "webp"]
+    model: str
+    run_id: str | None
+    seed: int
+
+
 class ConditionInfo(BaseModel):
     kind: str = Field(description="none, label, caption, scene or image")
     field: str | None = Field(description="the request field that carries it (null: unconditional)")
@@ -82,7 +123,11 @@ class ModelInfo(BaseModel):
                                              "has_captions, condition_columns")
     device: str
     parameters: int
+    memory_bytes: int = Field(description="bytes of the model's weights in memory")
+    registry: dict[str, Any] | None = Field(None, description="{name, version, alias} when served from the MLflow "
+                                                               "registry (models:/NAME/VERSION or models:/NAME@ALIAS)")
     replicas: int
+    multiplexed: bool = Field(False, description="loaded on demand in a shared deployment (serve.multiplexed)")
 
 
 class ModelsResponse(BaseModel):

@@ -25,6 +25,7 @@ pytestmark = pytest.mark.slow
 
 CLASSES = ["circle", "square", "triangle", "star"]
 MAX_N = 8
+TUNES = ["tune-a", "tune-b", "tune-c"]
 
 
 def free_port() -> int:
@@ -61,14 +62,18 @@ def server(ray_session, tmp_path_factory):
     toy.export_toy(root / "plain", name="plain", resolution=8, channels=1)
     toy.export_toy(root / "text", name="text", resolution=8, channels=3, conditioning="caption")
     export_seqimg(root / "seq")
+    for tune in TUNES:  # fine-tunes of one model: same shape, other weights and runs
+        toy.export_toy(root / tune, name=tune, resolution=8, channels=1, run_id=f"run-{tune}",
+                       seed=TUNES.index(tune) + 1)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 65})
     app, plan = plan_app(AppArgs(
         models=[str(root / "toy"), f"plain={root / 'plain'}", f"text={root / 'text'}", f"seq={root / 'seq'}"],
         imports=[toy.FILE],
         serve={"max_n": MAX_N, "max_batch_size": 4, "max_queued_requests": 32, "request_timeout_s": 60},
-        scorer="brightness", scorer_loader="tests.test_serving_family:load_brightness_scorer", ingress_cpus=0.1))
-    assert [m.name for m in plan.models] == ["toy", "plain", "text", "seq"] and plan.reranking == "ready"
+        scorer="brightness", scorer_loader="tests.test_serving_family:load_brightness_scorer", ingress_cpus=0.1,
+        multiplex=[f"{t}={root / t}" for t in TUNES], multiplex_per_replica=2))
+    assert [m.name for m in plan.models] == ["toy", "plain", "text", "seq", *TUNES] and plan.reranking == "ready"
     # 4 generators and a scorer on the session's 2 CPUs: shares that fit, not 1 CPU each
     assert plan.sizing.needed_cpus <= 2 and plan.sizing.replica_cpus < 1
     serve.run(app, name=APP_NAME, route_prefix="/")
@@ -141,7 +146,7 @@ def test_caption_and_seqimg_models(server):
 def test_health_models_docs_and_playground(server):
     health = server.get("/healthz")
     assert health.status_code == 200
-    assert health.json() == {"status": "ok", "models": ["toy", "plain", "text", "seq"], "reranking": "ready"}
+    assert health.json() == {"status": "ok", "models": ["toy", "plain", "text", "seq", *TUNES], "reranking": "ready"}
     body = server.get("/v1/models").json()
     assert (body["default_model"], body["max_n"], body["reranking"]) == ("toy", MAX_N, "ready")
     models = {m["name"]: m for m in body["models"]}
@@ -163,7 +168,7 @@ def test_health_models_docs_and_playground(server):
     # the OpenAPI schema documents every model's own parameters, with their ranges
     doc = server.get("/openapi.json").json()
     body_schema = doc["paths"]["/v1/generate"]["post"]["requestBody"]["content"]["application/json"]["schema"]
-    assert len(body_schema["anyOf"]) == 4
+    assert len(body_schema["anyOf"]) == 4 + len(TUNES)
     seq = doc["components"]["schemas"]["GenerateRequest.seq"]["properties"]
     assert (seq["top_k"]["maximum"], seq["temperature"]["maximum"], seq["model"]["const"]) == (256, 10.0, "seq")
     assert doc["components"]["schemas"]["servetoy.Style"]["enum"] == ["plain", "inverted"]
@@ -283,3 +288,43 @@ def test_latency_of_sequential_single_images(server, capsys):
     with capsys.disabled():
         print(f"\n[serving] 20 sequential n=1 requests: p50 {p50:.1f} ms, max {max(timings):.1f} ms")
     assert p50 < 2000
+
+
+def test_multiplexed_models_load_on_demand_with_lru_eviction(server):
+    """Three fine-tunes share one deployment holding two at a time: each answers with its own weights
+    and run, and naming a third evicts the least recently used (it is loaded again when named)."""
+    from ray import serve
+
+    from raygen.serving.app import APP_NAME
+
+    def draw(name):
+        r = server.post("/v1/generate", json={"model": name, "seed": 3})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    drawn = [draw(t) for t in ("tune-a", "tune-b", "tune-c", "tune-a")]
+    assert [d["run_id"] for d in drawn] == ["run-tune-a", "run-tune-b", "run-tune-c", "run-tune-a"]
+    assert len({d["images"][0]["png_base64"] for d in drawn[:3]}) == 3  # other weights, other images
+    assert drawn[3]["images"] == drawn[0]["images"]
+    stats = serve.get_deployment_handle("multiplex", app_name=APP_NAME).stats.remote().result()
+    assert stats["loads"] == 4  # a, b, c (a dropped), a again
+    models = {m["name"]: m for m in server.get("/v1/models").json()["models"]}
+    assert models["tune-b"]["multiplexed"] and not models["toy"]["multiplexed"]
+
+
+def test_openai_route_and_limits_through_the_proxy(server):
+    """The OpenAI route, its file links and the body limit behind Ray Serve's proxy (the front door
+    runs in the ingress replica; tests/test_openai_images.py covers the rest in process)."""
+    openai = pytest.importorskip("openai", reason="the openai client is in the test extras")
+    client = openai.OpenAI(base_url=str(server.base_url).rstrip("/") + "/v1", api_key="unused", max_retries=0)
+    result = client.images.generate(model="toy", prompt="square", n=2, response_format="url",
+                                    extra_body={"seed": 4})
+    assert [d.revised_prompt for d in result.data] == ["square", "square"]
+    linked = server.get(result.data[1].url.replace(str(server.base_url).rstrip("/"), ""))
+    assert linked.status_code == 200 and linked.headers["content-type"] == "image/png"
+    ours = server.post("/v1/generate", json={"n": 2, "label": 1, "seed": 4}).json()["images"][1]["png_base64"]
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(linked.content))), np.asarray(decode(ours)))
+    with pytest.raises(openai.NotFoundError):
+        client.images.generate(model="nope", prompt="square")
+    big = server.post("/v1/generate", content=b"{" + b" " * (5 << 20), headers={"content-type": "application/json"})
+    assert big.status_code == 413 and big.json()["field"] == "body"

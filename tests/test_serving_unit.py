@@ -322,7 +322,8 @@ def local(name, max_in_flight=64):
 
     batcher = ContinuousBatcher(BatchSampler(LOADED[name].model, name=name).run, max_batch_size=4,
                                 batch_wait_timeout_s=0.0)
-    return LocalGenerator(batcher, {**CARDS[name], "device": "cpu", "replicas": 1}, max_in_flight=max_in_flight)
+    slot = SimpleNamespace(info={**CARDS[name], "device": "cpu", "replicas": 1})  # a ModelSlot's info
+    return LocalGenerator(batcher, slot, max_in_flight=max_in_flight)
 
 
 class StandInScorer:
@@ -565,7 +566,7 @@ def test_scorer_availability_is_checked_before_deploying():
 def test_example_serve_config_is_valid():
     from ray.serve.schema import ServeDeploySchema
 
-    config = yaml.safe_load((REPO / "serving" / "config_example.yaml").read_text())
+    config = yaml.safe_load((REPO / "serving" / "config.yaml").read_text())
     schema = ServeDeploySchema.model_validate(config)
     assert schema.http_options.host == "127.0.0.1" and schema.http_options.request_timeout_s
     app = config["applications"][0]
@@ -583,3 +584,86 @@ def test_cli_registers_serve():
         (["a", "b=c"], ["serve.max_n=3"], 8123, "hf:/clip", ["fam.py"])
     assert args.host is None  # falls back to serve.host, 127.0.0.1
     assert args.replica_cpus is None  # sized to the machine
+
+
+def test_best_of_scores_the_condition_text_of_any_kind():
+    """With no prompt, a caption is scored as itself and a label by its class name."""
+    assert plan({"model": "text", "caption": "a red bird", "best_of": 3}).rerank_text == "a red bird"
+    assert plan({"label": 2, "best_of": 3}).rerank_text == "Bird"
+
+
+def test_scorer_batches_concurrent_reranks():
+    """Concurrent reranks of two image sizes: one scorer call per size, each request ranked by its
+    own text, best first, scores per image, ties in generation order."""
+    from raygen.serving.deployments import BatchScorer, ContinuousBatcher
+
+    scorer = BatchScorer(toy.BrightnessScorer())
+    batcher = ContinuousBatcher(scorer.run, max_batch_size=16, batch_wait_timeout_s=0.05)
+    small = np.stack([np.full((8, 8, 1), v, np.uint8) for v in (10, 200, 90, 200)])
+    large = np.stack([np.full((16, 16, 3), v, np.uint8) for v in (50, 250, 0)])
+
+    async def main():
+        return await asyncio.gather(batcher.submit(("bright", small, 2)), batcher.submit(("dark", small, 3)),
+                                    batcher.submit(("bright", large, 1)))
+
+    bright, dark, big = asyncio.run(main())
+    assert bright["order"] == [1, 3] and bright["scores"] == pytest.approx([200 / 255] * 2)
+    assert dark["order"] == [0, 2, 1] and dark["scores"] == pytest.approx([-10 / 255, -90 / 255, -200 / 255])
+    assert big["order"] == [1]
+    assert (scorer.requests, scorer.calls) == (3, 2)
+
+
+def test_config_file_is_read_with_its_deployment_settings(tmp_path):
+    """`raygen serve --config`: a file `serve deploy` accepts; its deployment settings go over raygen's."""
+    from raygen.serving.app import plan_app
+    from raygen.serving.config import read_config
+
+    toy.export_toy(tmp_path / "toy", name="toy", resolution=8, channels=1)
+    config = yaml.safe_load((REPO / "serving" / "config.yaml").read_text())
+    app = config["applications"][0]
+    app["args"]["models"] = [f"shapes={tmp_path / 'toy'}"]
+    app["args"]["imports"] = [toy.FILE]
+    app["deployments"][0]["name"] = "model-shapes"
+    app["deployments"][0]["ray_actor_options"]["num_gpus"] = 0.25
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    read = read_config(path)
+    assert (read.host, read.port, read.proxy_timeout_s) == ("127.0.0.1", 8000, 125)
+    bound, plan = plan_app(read.args, resources=(2.0, 2.0, 1.0, "test"), deployments=read.deployments)
+    deployment = bound._bound_deployment
+    assert deployment.name == "model-shapes" and deployment.ray_actor_options["num_gpus"] == 0.25
+    assert deployment.ray_actor_options["num_cpus"] == 1  # the file's, over raygen's share
+    assert deployment._deployment_config.autoscaling_config.max_replicas == 4
+    assert deployment._deployment_config.max_queued_requests > 0  # raygen's own limit is kept
+    # a deployment the app does not have, an app that is not raygen's, a file Serve would refuse
+    with pytest.raises(ValueError, match="deployment 'model-nope'.*model-shapes"):
+        plan_app(read.args, resources=(2.0, 2.0, 1.0, "test"), deployments={"model-nope": {"num_replicas": 2}})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"applications": [{"name": "x", "import_path": "other:app"}]}))
+    with pytest.raises(ValueError, match="exactly one application with import_path raygen.serving.app:build_app"):
+        read_config(bad)
+    bad.write_text(yaml.safe_dump({"applications": [{"import_path": "raygen.serving.app:build_app",
+                                                     "args": {"model": "x", "colour": 1}}]}))
+    with pytest.raises(ValueError, match="args.colour"):
+        read_config(bad)
+    bad.write_text("http_options: {port: nope}\napplications: []\n")
+    with pytest.raises(ValueError, match="not a Ray Serve config: http_options.port"):
+        read_config(bad)
+
+
+def test_multiplexed_models_share_one_deployment(tmp_path):
+    from raygen.serving.app import plan_app
+
+    for i, name in enumerate(("base", "ft1", "ft2")):
+        toy.export_toy(tmp_path / name, name=name, resolution=8, channels=1, seed=i)
+    app, plan = plan_app({"model": str(tmp_path / "base"), "imports": [toy.FILE], "multiplex_per_replica": 1,
+                          "multiplex": f"ft1={tmp_path / 'ft1'},ft2={tmp_path / 'ft2'}"},
+                         resources=(2.0, 2.0, 0.0, "test"))
+    assert [(m.name, m.multiplexed) for m in plan.models] == [("base", False), ("ft1", True), ("ft2", True)]
+    ingress = app._bound_deployment
+    assert ingress.name == "ingress"
+    mux = ingress.init_kwargs["multiplexed"]
+    assert mux["models"] == ["ft1", "ft2"] and mux["handle"]._bound_deployment.name == "multiplex"
+    assert list(ingress.init_args[0]) == ["base"]  # one dedicated generator; the fine-tunes share "multiplex"
+    # two replicas' worth of CPUs (base and the multiplex) plus the ingress fit the 2 CPUs
+    assert plan.sizing.needed_cpus <= 2

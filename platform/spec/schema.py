@@ -288,7 +288,7 @@ class ServeSpec(Section):
     port: int = Field(8000, ge=1, le=65535)
     max_n: int = Field(16, ge=1, le=256, description="most images one request may ask for")
     max_batch_size: int = Field(8, ge=1)
-    batch_wait_timeout_s: float = Field(0.02, ge=0)
+    batch_wait_timeout_s: float = Field(0.0, ge=0)
     max_queued_requests: int = Field(64, ge=1)
     request_timeout_s: float = Field(120.0, gt=0)
     replicas: int = Field(1, ge=1)

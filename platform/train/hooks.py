@@ -180,18 +180,23 @@ class MetricsSinkHook(Hook):
 class SampleGridHook(Hook):
     """At each eval, sample a grid with the eval weights and hand it to the sink."""
 
-    def __init__(self, sink, out_dir: Path, n: int):
+    def __init__(self, sink, out_dir: Path, n: int, data_dir: Path | None = None, data_spec=None):
         self.sink, self.out_dir, self.n = sink, Path(out_dir), n
+        self.data_dir, self.data_spec = data_dir, data_spec
+        self.val_records = None  # loaded once, for kinds whose grid needs real records (image, scene)
 
     def on_eval(self, trainer, metrics):
         if trainer.rank != 0:
             return
         from raygen.models import Capability, has
-        from raygen.train.sampling import sample_grid_png
+        from raygen.train.sampling import cycling_conditions, sample_grid_png
         model = trainer.eval_model()
         if not has(model, Capability.SAMPLE):  # families that make no images (scorers) draw no grid
             return
         path = self.out_dir / f"samples_step{trainer.state.step:08d}.png"
-        sample_grid_png(model, self.n, path, seed=trainer.spec.train.seed)
+        if self.val_records is None and self.data_dir is not None and cycling_conditions(model, self.n) is None:
+            from raygen.data import load_split_images
+            self.val_records = load_split_images(self.data_dir, "val", self.data_spec, limit=self.n)
+        sample_grid_png(model, self.n, path, seed=trainer.spec.train.seed, val_records=self.val_records)
         if self.sink is not None:
             self.sink.log_artifact(path, "samples")

@@ -63,7 +63,8 @@ def grid_conditions(model: Generator, n: int, val_records: dict[str, Any] | None
         return cycling
     if val_records is None:
         raise ValueError(f"a {model.condition_kind}-conditioned model needs validation records to sample a grid")
-    return conditions_from_records(model, val_records, n)
+    # a grid shows what there is: a small validation split gives a smaller grid, not an error
+    return conditions_from_records(model, val_records, min(n, len(val_records["image"])))
 
 
 def sample_grid_png(model: Generator, n: int, path: str | Path, *, seed: int = 0,

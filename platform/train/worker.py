@@ -106,7 +106,7 @@ def make_hooks(spec: JobSpec, *, sink, run_dir: Path, progress: bool, data_dir: 
     hooks.append(ProgressHook(spec.train.log_every, spec.train.steps, enabled=progress))
     if sink is not None:
         hooks.append(MetricsSinkHook(sink, spec.train.log_every))
-        hooks.append(SampleGridHook(sink, run_dir / "samples", spec.train.grid_samples))
+        hooks.append(SampleGridHook(sink, run_dir / "samples", spec.train.grid_samples, data_dir, spec.data))
     if spec.track.fid.enabled and spec.track.fid.every:
         from raygen.train.fid_hook import FIDHook
         hooks.append(FIDHook(spec, sink, data_dir))
