@@ -5,7 +5,7 @@ port of 127.0.0.1, with a token so the page's token field is exercised too:
 the page loads, asks for the token, builds its form from the selected model's
 parameter schema, submits with best_of, and images appear with their scores.
 Skipped, saying why, where playwright or chromium is missing. With
-RAYGEN_UPDATE_SCREENSHOTS=1 it refreshes docs/images/playground.png.
+RAYGEN_UPDATE_SCREENSHOTS=1 it refreshes docs/img/playground.png.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ CHROMIUM = os.environ.get("RAYGEN_CHROMIUM") or shutil.which("chromium") or shut
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--no-first-run"]
 TOKEN = "playground-token-42"
-SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "images" / "playground.png"
+SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "img" / "playground.png"
 
 
 @pytest.fixture(scope="module")
