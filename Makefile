@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: install install-test quickstart test test-docs dataset bench-smoke
+.PHONY: install install-test quickstart test test-docs dataset browser bench-smoke
 
 $(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -28,13 +28,21 @@ dataset:
 	   (apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist >/dev/null))) || \
 	  echo "note: could not install dataset-fashion-mnist; install it with: sudo apt-get install dataset-fashion-mnist"
 
+# Debian's Chromium for the playground's browser test (tests/test_serving_playground.py skips, naming
+# this target, where it is missing); playwright drives it as is, no browser download.
+browser:
+	@command -v chromium >/dev/null || \
+	  (command -v apt-get >/dev/null && (apt-get install -y -q chromium >/dev/null 2>&1 || \
+	   (apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null))) || \
+	  echo "note: could not install chromium; the playground's browser test will be skipped (sudo apt-get install chromium)"
+
 quickstart: install dataset
 	$(VENV)/bin/raygen train jobs/specs/quickstart.yaml
 
 # Tests that start Ray or a server run in a loopback-only network namespace
 # (Ray otherwise binds the machine's own address). Without unshare rights the
 # suite runs as is.
-test: install dataset
+test: install dataset browser
 	@if unshare -n true 2>/dev/null; then \
 	  unshare -n bash -c 'ip link set lo up && $(PY) -m pytest -p no:cacheprovider $(PYTEST_ARGS)'; \
 	else \

@@ -32,7 +32,7 @@ def browser():
                                    reason="playwright is not installed (pip install playwright; no browser download "
                                           "needed: the test drives the system chromium)")
     if CHROMIUM is None:
-        pytest.skip("no chromium on this machine (Debian: apt-get install chromium; or set RAYGEN_CHROMIUM)")
+        pytest.skip("no chromium on this machine (`make browser`, i.e. Debian: apt-get install chromium; or set RAYGEN_CHROMIUM)")
     with sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
         yield browser
