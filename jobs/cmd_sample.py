@@ -29,6 +29,9 @@ def register(sub) -> None:
     p.add_argument("--tracking-uri", help="MLflow store for models:/ URIs")
     p.add_argument("--set", action="append", default=[], metavar="PARAM=VALUE",
                    help="sampling parameter, e.g. temperature=0.8 (see the model's parameters with --set help)")
+    p.add_argument("--sweep", metavar="PARAM=V1,V2,...",
+                   help="one grid row per value of a sampling parameter, the same seeds in every row, e.g. "
+                        "levels=0,1,2 (a cascade's base, refiner 1, refiner 2) or num_inference_steps=5,25,100")
     p.set_defaults(func=run)
 
 
@@ -98,6 +101,20 @@ def parse_sampling_sets(items: list[str], cls):
         raise UserError(f"--set {err.message}") from None
 
 
+def sweep_params(sweep: str, items: list[str], cls) -> list:
+    """`--sweep KEY=V1,V2,...`: the sampling params of each row (the `--set` values, KEY varied)."""
+    from raygen.jobs.cli import UserError
+    key, eq, text = sweep.partition("=")
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    if not eq or not key.strip() or not values:
+        raise UserError(f"--sweep {sweep}: expected PARAM=V1,V2,..., e.g. levels=0,1,2")
+    if key.strip() not in cls.model_fields:
+        raise UserError(f"--sweep {sweep}: {key.strip()!r} is not a sampling parameter of this model "
+                        f"({', '.join(cls.model_fields) or 'it has none'})")
+    rest = [item for item in items if item.partition("=")[0].strip() != key.strip()]
+    return [parse_sampling_sets(rest + [f"{key.strip()}={v}"], cls) for v in values]
+
+
 def run(args) -> int:
     import torch
 
@@ -118,6 +135,9 @@ def run(args) -> int:
     if args.best_of is not None and args.best_of < 1:
         raise UserError("--best-of must be at least 1")
     params = parse_sampling_sets(args.set, model.sampling_params)
+    rows = sweep_params(args.sweep, args.set, model.sampling_params) if args.sweep else [params]
+    if len(rows) > 1 and args.best_of:
+        raise UserError("--sweep draws the same seeds under each value; leave --best-of out")
     kind = model.condition_kind
     try:
         value = _condition_value(args, kind)
@@ -146,10 +166,13 @@ def run(args) -> int:
         raise UserError(f"--seed: {err}") from None
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     size = _render_size(model, args.size)
-    if size is None:
-        images = model.sample(conditions, params, make_generators(seeds, device))
-    else:
-        images = model.render(conditions, params, make_generators(seeds, device), *size)
+    drawn = []
+    for row in rows:  # fresh generators per row: every row starts from the same random numbers
+        if size is None:
+            drawn.append(model.sample(conditions, row, make_generators(seeds, device)))
+        else:
+            drawn.append(model.render(conditions, row, make_generators(seeds, device), *size))
+    images = torch.cat(drawn)
     if m > 1:
         kept, scores = [], []
         for i in range(args.n):
@@ -158,6 +181,7 @@ def run(args) -> int:
             scores.append(float(s[0]))
         images = torch.cat(kept)
         print("CLIP scores of kept images: " + ", ".join(f"{s:.2f}" for s in scores))
-    path = save_grid(images, Path(args.out), upscale=max(1, 128 // max(images.shape[-2:])))
+    nrow = args.n if len(rows) > 1 else None  # a sweep: one row per value
+    path = save_grid(images, Path(args.out), upscale=max(1, 128 // max(images.shape[-2:])), nrow=nrow)
     print(f"wrote {len(images)} image(s) to {path}")
     return 0
