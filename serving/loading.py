@@ -102,7 +102,9 @@ def model_card(loaded, *, name: str) -> dict[str, Any]:
     from raygen.models.conditions import condition_fields, get_kind
     from raygen.serving.schema import COMMON_FIELDS
 
-    model, info = loaded.model, loaded.data_info
+    # the model's own view of its images: a model trained on latents stores the latent shape
+    # as its training data, but draws (and is asked for) images of the source's size
+    model, info = loaded.model, loaded.model.data_info
     if not getattr(model, "model_name", None):
         model.model_name = name  # so a CapabilityError names the model as the user called it
     require(model, Capability.SAMPLE)
