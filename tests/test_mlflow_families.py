@@ -4,6 +4,7 @@ reconstructions, scores), multi-component models included."""
 from __future__ import annotations
 
 import io
+import json
 
 import mlflow.pyfunc
 import numpy as np
@@ -42,9 +43,14 @@ def _request_value(model, info, image_png: bytes):
     if kind == "caption":
         return "a red circle"
     if kind == "scene":
-        fields = info.condition_columns["scene"]["fields"]
-        glob = info.condition_columns.get("scene_globals", {}).get("fields", [])
-        return {"objects": [{f: 0.5 for f in fields}], "globals": {f: 0.25 for f in glob}}
+        objects, glob = info.condition_columns["scene"], info.condition_columns.get("scene_globals", {})
+
+        def value(col, f, default):  # inside the field's declared range (the request check refuses others)
+            lo, hi = (col.get("ranges") or {}).get(f, (default, default))
+            return (lo + hi) / 2
+        # as JSON text: a nested object in a table cell would be spread over rows by pandas
+        return json.dumps({"objects": [{f: value(objects, f, 0.5) for f in objects["fields"]}],
+                           "globals": {f: value(glob, f, 0.25) for f in glob.get("fields", [])}})
     if kind == "image":
         return image_png
     return None

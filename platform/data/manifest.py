@@ -38,6 +38,8 @@ class ExtraColumn:
     max_len: int = 0
     fields: list[str] = field(default_factory=list)
     description: str = ""
+    #: field -> [low, high]: the values the data was drawn from; scene conditions outside them are refused
+    ranges: dict[str, list[float]] = field(default_factory=dict)
 
     def arrow_type(self):
         import pyarrow as pa

@@ -6,7 +6,9 @@ every run. Ray Train's default `streaming_split` hands blocks to whichever
 worker asks first, so `DeterministicDataConfig` instead gives rank r the
 contiguous row-index range [r*n, (r+1)*n) with n = rows // world_size
 (equal for all ranks; rows are already in random order: prepare permutes
-pooled sources and generated records are independent draws). The unit of work
+pooled sources and generated records are independent draws). The val split
+instead gives every row to one rank (shards differ by at most a row), so
+validation covers the whole split whatever the worker count. The unit of work
 is one parquet row group: a Ray task reads it, keeps the rank's rows and
 decodes them, so each image is read and decoded by one worker only, and
 with `preserve_order` the output order is the unit order. WorkerBatches
@@ -66,6 +68,10 @@ class Recipe:
     params: DecodeParams
 
     def rank_range(self, rank: int, world_size: int) -> tuple[int, int]:
+        if world_size > 1 and self.split == "val":
+            # every val row counts once (shards may differ by a row): validation sums are weighted by
+            # counts, so 2 workers report the single-process loss (seed 002's wrong test loss)
+            return rank * self.rows // world_size, (rank + 1) * self.rows // world_size
         n = self.rows // world_size if world_size > 1 else self.rows
         return rank * n, (rank + 1) * n
 

@@ -10,18 +10,18 @@ from raygen.metrics.extractors import FeatureExtractor, TorchExtractor, load_ext
 from raygen.metrics.fid import FIDEvaluator, compute_fid, fid_floor, get_dataset_extractor
 from raygen.metrics.frechet import frechet_distance, gaussian_stats, kernel_distance
 from raygen.metrics.preprocess import Preprocess
-from raygen.metrics.recon import (bits_per_dim, codebook_metrics, l1_per_image, mse_per_image, psnr_per_image,
-                                  reconstruction_metrics)
+from raygen.metrics.recon import (bits_per_dim, codebook_metrics, fidelity_metrics, l1_per_image, mse_per_image,
+                                  psnr_per_image, reconstruction_metrics, ssim_per_image)
 from raygen.metrics.reference import ReferenceStats, dataset_checksum, reference_stats
 from raygen.metrics.rerank import BestOfN
 
 __all__ = [
     "BestOfN", "DomainFitConfig", "FIDEvaluator", "FeatureExtractor", "HFClipScorer", "ImageTextScorer",
     "MetricsError", "Preprocess", "ReferenceStats", "TorchExtractor", "TrainedClipScorer", "bits_per_dim",
-    "codebook_metrics", "compute_fid", "dataset_checksum", "fid_floor", "fit_domain_features", "fit_images",
+    "codebook_metrics", "compute_fid", "dataset_checksum", "fidelity_metrics", "fid_floor", "fit_domain_features", "fit_images",
     "frechet_distance", "gaussian_stats", "get_dataset_extractor", "kernel_distance", "l1_per_image",
     "load_domain_extractor", "load_extractor", "load_inception", "load_scorer", "mse_per_image", "psnr_per_image",
-    "reconstruction_metrics", "reference_stats",
+    "reconstruction_metrics", "reference_stats", "ssim_per_image",
 ]
 
 

@@ -38,6 +38,35 @@ def psnr_per_image(original: torch.Tensor, recon: torch.Tensor, data_range: floa
     return psnr.clamp(max=PSNR_MAX_DB)
 
 
+def ssim_per_image(original: torch.Tensor, recon: torch.Tensor, data_range: float = 1.0,
+                   sigma: float = 1.5) -> torch.Tensor:
+    """Structural similarity (Wang et al. 2004): Gaussian window (sigma 1.5, 11 wide or the
+    largest odd size the image allows), valid positions only, mean over channels and positions."""
+    import torch.nn.functional as F
+    if original.shape != recon.shape or original.dim() != 4:
+        raise MetricsError(f"SSIM needs two [N, C, H, W] batches of one shape, got {tuple(original.shape)} "
+                           f"and {tuple(recon.shape)}")
+    x, y = original.detach().double(), recon.detach().to(original.device).double()
+    c = x.shape[1]
+    size = min(11, *(s if s % 2 else s - 1 for s in x.shape[-2:]))
+    ax = torch.arange(size, dtype=torch.float64, device=x.device) - (size - 1) / 2
+    g = torch.exp(-ax ** 2 / (2 * sigma ** 2))
+    window = (g[:, None] * g[None, :] / g.sum() ** 2).expand(c, 1, size, size)
+    blur = lambda t: F.conv2d(t, window, groups=c)  # noqa: E731
+    mx, my = blur(x), blur(y)
+    vx, vy, cov = blur(x * x) - mx ** 2, blur(y * y) - my ** 2, blur(x * y) - mx * my
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    ssim = ((2 * mx * my + c1) * (2 * cov + c2)) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
+    return ssim.flatten(1).mean(1)
+
+
+def fidelity_metrics(reference: torch.Tensor, rendered: torch.Tensor, data_range: float = 1.0) -> dict[str, float]:
+    """{"psnr", "ssim"}: means over images of rendered images against their ground truth
+    (a scene renderer's output against the procedural renderer's image of the same scene)."""
+    return {"psnr": float(psnr_per_image(reference, rendered, data_range).mean()),
+            "ssim": float(ssim_per_image(reference, rendered, data_range).mean())}
+
+
 def reconstruction_metrics(original: torch.Tensor, recon: torch.Tensor, data_range: float = 1.0) -> dict[str, float]:
     """{"l1", "l2" (mean squared error), "psnr"}: means over images."""
     return {"l1": float(l1_per_image(original, recon).mean()),

@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import json
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
@@ -173,6 +174,11 @@ class SceneKind(ConditionKind):
         obj_fields = self._fields(info, self.objects_column)
         if not obj_fields:
             raise ConditionError("this model was not trained on scenes; leave 'scene' out", self.field)
+        if isinstance(value, str):  # JSON text: how a table cell (an MLflow pyfunc input) carries a scene
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as err:
+                raise ConditionError(f"scene is not valid JSON ({err})", self.field) from None
         if not isinstance(value, dict) or not isinstance(value.get("objects"), list):
             raise ConditionError(f"scene must be {self.description}", self.field)
         unknown = set(value) - {"objects", "globals"}

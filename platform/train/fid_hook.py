@@ -53,14 +53,15 @@ class FIDHook(Hook):
         trainer.eval_weights()  # a collective under ZeRO-3: every rank joins before rank 0 samples
         if trainer.rank != 0 or self.evaluator is None:
             return
-        from raygen.train.wrapup import generate
+        from raygen.train.wrapup import generate, scene_fidelity
 
         t0 = time.perf_counter()
         model = trainer.eval_model()
         fake = generate(model, self.ref, seed=self.spec.train.seed + 1)
         result = self.evaluator(fake)
         took = time.perf_counter() - t0
-        values = {"fid": result["fid"], "kid": result["kid"], "fid_floor": self.floor, "fid_time_s": took}
+        values = {"fid": result["fid"], "kid": result["kid"], "fid_floor": self.floor, "fid_time_s": took,
+                  **scene_fidelity(model, self.ref, fake)}  # scene models: PSNR/SSIM against the true renders
         clip = ""
         if self.scorer is not None:
             from raygen.train.clip_score import condition_clip_score

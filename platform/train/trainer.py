@@ -305,6 +305,13 @@ class Trainer:
             from raygen.train.validation import validation_metrics, validation_sums
             # on the training device: a float32 copy, so GPU runs do not validate on the CPU
             model = self.eval_model().to(self.strategy.device)
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                # buffers (batch norm's running statistics) drift apart per rank after DDP's last
+                # broadcast: every rank validates rank 0's, the model that is exported
+                for buffer in model.buffers():
+                    shared = buffer.to(collective_device())
+                    dist.broadcast(shared, src=0)
+                    buffer.copy_(shared)
             sums = validation_sums(model, islice(self.val_data.epoch(0), self.spec.train.val_batches))
             if dist.is_available() and dist.is_initialized():
                 sums = sums.to(collective_device())

@@ -28,6 +28,15 @@ def dataset_extractor(spec: JobSpec, data_dir: Path):
     return get_dataset_extractor("domain", data_dir, cache_dir=cache_dir, steps=spec.track.fid.fit_steps)
 
 
+def scene_fidelity(model, ref: dict, fake: torch.Tensor) -> dict[str, float]:
+    """A scene determines its image: PSNR/SSIM of the samples against the val images of
+    their scenes (the procedural renderer's output). Empty for other condition kinds."""
+    if model.condition_kind != "scene":
+        return {}
+    from raygen.metrics import fidelity_metrics
+    return {f"scene_{k}": v for k, v in fidelity_metrics(ref["image"][:len(fake)], fake).items()}
+
+
 def compute_run_fid(spec: JobSpec, model, data_dir: Path, n: int) -> dict:
     """FID/KID of n samples against n val images, with the spec's named extractor,
     plus "fid_floor": the FID of n train images against the same val images, i.e.
@@ -43,6 +52,7 @@ def compute_run_fid(spec: JobSpec, model, data_dir: Path, n: int) -> dict:
     stats = reference_stats(ref["image"], extractor, cache_dir=cache_dir)
     fake = generate(model, ref, seed=spec.train.seed + 1)  # conditioned on the val images it is compared with
     result = compute_fid(fake, stats, extractor)
+    result.update(scene_fidelity(model, ref, fake))
     train = load_split_images(data_dir, "train", spec.data, limit=stats.n)
     result["fid_floor"] = fid_floor(train["image"], stats, extractor, cache_dir=cache_dir)
     scorer = load_run_scorer(spec)
@@ -55,7 +65,8 @@ def finish_run(spec: JobSpec, out, tracked, data_dir: Path, *, progress: bool = 
     from raygen.exports import load_exported
     from raygen.tracking.models import log_and_register
     from raygen.models import Capability, has
-    from raygen.train.sampling import sample_grid_png
+    from raygen.data import load_split_images
+    from raygen.train.sampling import cycling_conditions, sample_grid_png
 
     export = out.checkpoint / "export"
     loaded = load_exported(export)
@@ -69,8 +80,12 @@ def finish_run(spec: JobSpec, out, tracked, data_dir: Path, *, progress: bool = 
                                          tags={"raygen.checkpoint": out.checkpoint.name})
         tracked.set_tags({"raygen.model_uri": out.model_uri})
         return
-    out.grid = sample_grid_png(loaded.model, max(16, spec.train.grid_samples), out.run_dir / "samples" / "final.png",
-                               seed=spec.train.seed)
+    n = max(16, spec.train.grid_samples)
+    # kinds that need real records (image, scene) are conditioned on the first validation images
+    val = None if cycling_conditions(loaded.model, n) is not None else load_split_images(data_dir, "val", spec.data,
+                                                                                          limit=n)
+    out.grid = sample_grid_png(loaded.model, n, out.run_dir / "samples" / "final.png", seed=spec.train.seed,
+                               val_records=val)
     tracked.log_artifact(out.grid, "samples")
     tracked.log_artifact(out.checkpoint, f"checkpoint/{out.checkpoint.name}")
     if spec.track.fid.enabled:
@@ -78,9 +93,10 @@ def finish_run(spec: JobSpec, out, tracked, data_dir: Path, *, progress: bool = 
             print(f"[raygen] computing FID on {spec.track.fid.samples} samples "
                   f"(extractor: {spec.track.fid.extractor})", flush=True)
         fid = compute_run_fid(spec, loaded.model, data_dir, spec.track.fid.samples)
-        out.metrics.update({"fid": fid["fid"], "kid": fid["kid"], "fid_floor": fid["fid_floor"]})
+        fidelity = {k: fid[k] for k in ("scene_psnr", "scene_ssim") if k in fid}
+        out.metrics.update({"fid": fid["fid"], "kid": fid["kid"], "fid_floor": fid["fid_floor"], **fidelity})
         tracked.log_metrics({"fid": fid["fid"], "kid": fid["kid"], "fid_floor": fid["fid_floor"],
-                             "fid_samples": float(fid["n_generated"])}, step=spec.train.steps)
+                             "fid_samples": float(fid["n_generated"]), **fidelity}, step=spec.train.steps)
         if fid.get("clip_score") is not None:
             out.metrics["clip_score"] = fid["clip_score"]
             tracked.log_metrics({"clip_score": fid["clip_score"]}, step=spec.train.steps)

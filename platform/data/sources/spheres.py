@@ -58,6 +58,26 @@ def random_scene(rng: np.random.Generator, max_spheres: int = 4) -> Scene:
     return Scene(np.asarray(rows, np.float32), glob.astype(np.float32))
 
 
+#: the range random_scene draws each field from (x, y: the widest, at z = 6); light is a unit vector
+SPHERE_RANGES = {"x": [-2.4, 2.4], "y": [-2.4, 2.4], "z": [3.0, 6.0], "radius": [0.3, 0.9], "r": [0.0, 1.0],
+                 "g": [0.0, 1.0], "b": [0.0, 1.0], "diffuse": [0.5, 0.9], "specular": [0.1, 0.8],
+                 "shininess": [8.0, 64.0]}
+GLOBAL_RANGES = {"light_x": [-1.0, 1.0], "light_y": [0.0, 1.0], "light_z": [-1.0, 0.0], "ambient": [0.05, 0.2],
+                 **{f"bg_top_{c}": [0.0, 0.35] for c in "rgb"}, **{f"bg_bottom_{c}": [0.0, 0.25] for c in "rgb"}}
+
+
+def scene_columns(max_spheres: int) -> dict[str, ExtraColumn]:
+    """The extra columns a spheres dataset stores (fields and their ranges travel to the model's DataInfo)."""
+    return {
+        "scene": ExtraColumn(kind="sequence", width=len(SPHERE_FIELDS), max_len=max_spheres,
+                             fields=SPHERE_FIELDS, description="one row per sphere, camera space",
+                             ranges=SPHERE_RANGES),
+        "scene_globals": ExtraColumn(kind="vector", width=len(GLOBAL_FIELDS), fields=GLOBAL_FIELDS,
+                                     description="directional light, ambient, background gradient",
+                                     ranges=GLOBAL_RANGES),
+    }
+
+
 def _plane_coords(n: int, side: int) -> np.ndarray:
     """Supersampled pixel centres along an axis of `n` pixels on the image
     plane, in units where the shorter image side (`side` pixels) spans -1..1."""
@@ -150,11 +170,6 @@ class Spheres(DatasetBuilder):
                     img = to_channels_array(to_pil(img), 1)
                 yield Record(image=img, extras={"scene": scene.spheres, "scene_globals": scene.globals})
 
-        extras = {
-            "scene": ExtraColumn(kind="sequence", width=len(SPHERE_FIELDS), max_len=opts.max_spheres,
-                                 fields=SPHERE_FIELDS, description="one row per sphere, camera space"),
-            "scene_globals": ExtraColumn(kind="vector", width=len(GLOBAL_FIELDS), fields=GLOBAL_FIELDS,
-                                         description="directional light, ambient, background gradient"),
-        }
-        return SourcePlan(resolution=res, channels=ch, splits=counts, records=records, extra_columns=extras,
+        return SourcePlan(resolution=res, channels=ch, splits=counts, records=records,
+                          extra_columns=scene_columns(opts.max_spheres),
                           source="procedural: raygen spheres renderer (render_spheres)")
