@@ -361,3 +361,21 @@ def test_reports_carry_the_fid_hooks_metrics_for_tune():
     out = trainer._report_metrics({"loss": 1.0, "lr": 0.1, "fid": 3.0, "kid": 0.01, "data_wait_s": 0.2,
                                    "mem_peak_rss_mb_rank0": 100.0})
     assert out == {"step": 4.0, "loss": 1.0, "lr": 0.1, "fid": 3.0, "kid": 0.01, "mem_peak_rss_mb_rank0": 100.0}
+
+
+def test_the_final_fid_reuses_what_the_fid_hook_measured_at_the_last_step(monkeypatch, tmp_path):
+    """Same weights, seeds, conditions and extractor: the wrap-up does not sample and measure again."""
+    from types import SimpleNamespace
+
+    from raygen.spec import parse_spec
+    from raygen.train import wrapup
+
+    spec = parse_spec({"data": {"dataset": "digits", "resolution": 8}, "train": {"steps": 8},
+                       "model": {"family": "seqimg", "options": {"dim": 32, "depth": 1}},
+                       "track": {"fid": {"every": 4, "samples": 64}}})
+    monkeypatch.setattr(wrapup, "dataset_extractor", lambda spec, data_dir: SimpleNamespace(name="domain:test"))
+    last = {"step": 8.0, "fid": 3.0, "kid": 0.01, "fid_floor": 0.5, "fid_samples": 64.0, "fid_reference": 64.0}
+    assert wrapup.hook_fid(spec, last, tmp_path) == {"fid": 3.0, "kid": 0.01, "fid_floor": 0.5, "n_generated": 64,
+                                                     "n_reference": 64, "extractor": "domain:test"}
+    assert wrapup.hook_fid(spec, {**last, "step": 4.0}, tmp_path) is None  # measured before the end
+    assert wrapup.hook_fid(spec, {"step": 8.0, "loss": 1.0}, tmp_path) is None  # never measured

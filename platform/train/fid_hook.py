@@ -61,6 +61,7 @@ class FIDHook(Hook):
         result = self.evaluator(fake)
         took = time.perf_counter() - t0
         values = {"fid": result["fid"], "kid": result["kid"], "fid_floor": self.floor, "fid_time_s": took,
+                  "fid_samples": float(result["n_generated"]), "fid_reference": float(result["n_reference"]),
                   **scene_fidelity(model, self.ref, fake)}  # scene models: PSNR/SSIM against the true renders
         clip = ""
         if self.scorer is not None:

@@ -60,7 +60,8 @@ class EvalWeightsProvider(Protocol):
 
 
 #: per-step metrics a report carries to the driver and to Tune (beside the eval metrics)
-REPORTED = ("loss", "lr", "fid", "kid", "fid_floor", "clip_score")
+REPORTED = ("loss", "lr", "fid", "kid", "fid_floor", "fid_samples", "fid_reference", "clip_score", "scene_psnr",
+            "scene_ssim")
 
 
 class Trainer:

@@ -61,6 +61,18 @@ def compute_run_fid(spec: JobSpec, model, data_dir: Path, n: int) -> dict:
     return result
 
 
+def hook_fid(spec: JobSpec, last: dict, data_dir: Path) -> dict | None:
+    """The FID the FID hook measured at the last step, when it did: the same export weights
+    (EMA), seeds, conditions and extractor as `compute_run_fid`, so measuring again would
+    give the same figures. None when the last report carries no FID."""
+    if last.get("step") != spec.train.steps or not {"fid", "kid", "fid_floor", "fid_samples"} <= set(last):
+        return None
+    out = {k: last[k] for k in ("fid", "kid", "fid_floor", "clip_score", "scene_psnr", "scene_ssim") if k in last}
+    n = int(last["fid_samples"])
+    return {**out, "n_generated": n, "n_reference": int(last.get("fid_reference", n)),
+            "extractor": dataset_extractor(spec, data_dir).name}
+
+
 def finish_run(spec: JobSpec, out, tracked, data_dir: Path, *, progress: bool = True) -> None:
     from raygen.exports import load_exported
     from raygen.tracking.models import log_and_register
@@ -92,7 +104,8 @@ def finish_run(spec: JobSpec, out, tracked, data_dir: Path, *, progress: bool = 
         if progress:
             print(f"[raygen] computing FID on {spec.track.fid.samples} samples "
                   f"(extractor: {spec.track.fid.extractor})", flush=True)
-        fid = compute_run_fid(spec, loaded.model, data_dir, spec.track.fid.samples)
+        fid = hook_fid(spec, out.metrics, data_dir) or compute_run_fid(spec, loaded.model, data_dir,
+                                                                        spec.track.fid.samples)
         fidelity = {k: fid[k] for k in ("scene_psnr", "scene_ssim") if k in fid}
         out.metrics.update({"fid": fid["fid"], "kid": fid["kid"], "fid_floor": fid["fid_floor"], **fidelity})
         tracked.log_metrics({"fid": fid["fid"], "kid": fid["kid"], "fid_floor": fid["fid_floor"],
