@@ -131,3 +131,17 @@ def test_train_ignores_the_sweep_and_tune_ignores_the_base_spec():
     check_runnable(spec, tune=True)
     with pytest.raises(SpecError, match="fp16 with DeepSpeed"):
         check_runnable(spec, tune=False)
+
+
+def test_pure_fp16_under_deepspeed_warns_and_o1_does_not(capfd):
+    """Seed 002: pure fp16 (O2) diverged where autocast (O1) was fine; the O2 option runs, with a warning."""
+    from raygen.spec import parse_spec
+    from raygen.spec.checks import spec_warnings
+
+    o2 = parse_spec(merged(BASE, {"train": {"precision": "fp16"}, "scale": {"strategy": "deepspeed", "use_gpu": True}}))
+    o1 = parse_spec(merged(BASE, {"train": {"precision": "fp16"}, "scale": {"strategy": "ddp"}}))
+    [warning] = spec_warnings(o2)
+    assert "pure fp16" in warning and "scale.strategy: ddp" in warning and "loss_scale_floor (128)" in warning
+    assert spec_warnings(o1) == []
+    check_runnable(o2, tune=False)
+    assert "raygen: warning: train.precision: fp16 under DeepSpeed" in capfd.readouterr().err

@@ -7,6 +7,7 @@ tune then reject. A check added here is a check all three make.
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any
 
 from raygen.spec.errors import SpecError
@@ -29,6 +30,20 @@ def check_runnable(spec: JobSpec, *, tune: bool | None) -> None:
         problems = _tune_problems(spec) if tune else _training_problems(spec)
     if problems:
         raise SpecError(problems)
+    for warning in spec_warnings(spec):
+        print(f"raygen: warning: {warning}", file=sys.stderr, flush=True)
+
+
+def spec_warnings(spec: JobSpec) -> list[str]:
+    """What will run but is known to go wrong: printed by validate, train and tune, never fatal."""
+    warnings = []
+    if spec.train.precision == "fp16" and spec.scale.strategy == "deepspeed":
+        warnings.append("train.precision: fp16 under DeepSpeed keeps the model's weights in fp16 (pure fp16, apex "
+                        "O2; fp32 master weights in the optimizer), which diverged in seed 002 where fp16 autocast "
+                        "(O1) trained fine; for O1 use scale.strategy: ddp (weights stay fp32, the forward pass "
+                        "autocasts). Both scale the loss dynamically down to train.loss_scale_floor "
+                        f"({spec.train.loss_scale_floor:g})")
+    return warnings
 
 
 def _training_problems(spec: JobSpec) -> list[str]:
