@@ -1,6 +1,7 @@
 """One dataset, one domain extractor: training and the CLI fit the same net, and
 the real-vs-real FID floor comes with every FID the training path reports."""
 import json
+import types
 
 import pytest
 import torch
@@ -10,6 +11,8 @@ from raygen.jobs.cli import main
 from raygen.metrics.imageio import load_dataset_images, write_image_folder
 
 STEPS = 20  # tiny: the point is equality, not quality
+# what the FID code asks of a model when `generate` is replaced: its condition kind
+LABEL_MODEL = types.SimpleNamespace(condition_kind="label")
 
 
 @pytest.fixture(scope="module")
@@ -78,14 +81,14 @@ def test_a_perfect_generator_scores_the_floor(prepared, monkeypatch):
     train = load_split_images(data_dir, "train", spec.data, limit=n)["image"]
     # a "model" that reproduces exactly the train images the floor uses
     monkeypatch.setattr(wrapup, "generate", lambda model, records, *args, **kwargs: train[:len(records["image"])])
-    first = wrapup.compute_run_fid(spec, None, data_dir, n)
+    first = wrapup.compute_run_fid(spec, LABEL_MODEL, data_dir, n)
     assert first["fid_floor"] > 0 and first["fid"] == pytest.approx(first["fid_floor"], rel=1e-9)
     cache = data_dir.parent / "fid-cache"
     assert len(list(cache.glob("floor-*.json"))) == 1 and len(list(cache.glob("ref-*.safetensors"))) == 1
     # a generator of noise sits far above the floor; the floor itself is read back, unchanged
     monkeypatch.setattr(wrapup, "generate", lambda model, records, *args, **kwargs:
                         torch.rand(len(records["image"]), *train.shape[1:], generator=torch.Generator().manual_seed(0)))
-    noise = wrapup.compute_run_fid(spec, None, data_dir, n)
+    noise = wrapup.compute_run_fid(spec, LABEL_MODEL, data_dir, n)
     assert noise["fid_floor"] == first["fid_floor"] and noise["fid"] > 10 * noise["fid_floor"]
     assert len(list(cache.glob("floor-*.json"))) == 1
 
@@ -102,7 +105,7 @@ def test_fid_hook_logs_and_prints_the_floor(prepared, monkeypatch, capsys):
     logged = []
     sink = types.SimpleNamespace(set_tags=lambda tags: None, log_metrics=lambda values, step: logged.append((step, values)))
     trainer = types.SimpleNamespace(rank=0, state=types.SimpleNamespace(step=0), eval_weights=lambda: None,
-                                    eval_model=lambda: None)
+                                    eval_model=lambda: LABEL_MODEL)
     hook = FIDHook(spec, sink, data_dir)
     hook.on_train_start(trainer)
     assert logged == [(0, {"fid_floor": hook.floor})] and hook.floor > 0

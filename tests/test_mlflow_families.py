@@ -21,8 +21,10 @@ from raygen.tracking.pyfunc import save_pyfunc, task_for
 
 
 def _flavors() -> list[tuple[str, str]]:
+    # the pyfunc takes images as PNG bytes: flavors whose input is not an image (a SOM over
+    # 2-channel latent maps) have no PNG form
     return [(name, flavor) for name in family_names() if get_family(name).debug is not None
-            for flavor in get_family(name).debug()]
+            for flavor, (_, info, *_) in get_family(name).debug().items() if info.channels in (1, 3, 4)]
 
 
 def _pngs(column) -> np.ndarray:
