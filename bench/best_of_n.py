@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     loaded = load_generator(args.model, args.tracking_uri)
     model, spec = loaded.model.eval(), loaded.spec
-    ref = load_split_images(ensure_dataset(spec.data), "val", spec.data, limit=args.n)
+    data_dir = ensure_dataset(spec.data)
+    ref = load_split_images(data_dir, "val", spec.data, limit=args.n)
     conditions = conditions_from_records(model, ref, args.n)
     texts = conditions.texts(model.data_info)
     if texts is None:
@@ -114,7 +115,6 @@ def main(argv: list[str] | None = None) -> dict:
     chosen = selector.similarity(flat, per_candidate).view(n, m).argmax(dim=1)
     sets = {"best-of-1": images[:, 0], f"best-of-{m}": images[torch.arange(n), chosen]}
 
-    data_dir = ensure_dataset(spec.data)
     extractor = dataset_extractor(spec, data_dir)
     evaluator = FIDEvaluator(extractor, ref["image"], cache_dir=Path(spec.data.root) / "fid-cache")
     print(f"best-of-n, {args.model}: {n} conditions x {m} candidates, selector {selector.name}, judge {judge.name}, "
