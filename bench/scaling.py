@@ -15,6 +15,9 @@ engine's memory against a plain PyTorch loop.
                    against an independent shuffle; rows/s of the epoch stream
     engine memory  the engine's peak RSS / a plain PyTorch loop's on the same
                    model and batches (target: at most 1.15)
+    imports        `raygen data prepare` of a generated parquet source at 1x, 4x,
+                   16x the rows, each in a fresh process: how far its peak RSS
+                   rose during the import (flat: the import streams)
 
     .venv/bin/python bench/scaling.py              # minutes on 2 cores
     .venv/bin/python bench/scaling.py --smoke      # tiny sizes (CI): that it runs, not a figure
@@ -140,6 +143,60 @@ def data_size_section(work: Path, sizes: list[int], resolution: int, channels: i
     return rows_out
 
 
+# ---------------------------------------------------------------- imports (raygen data prepare)
+#: a fresh process: a warm-up prepare loads the code, then the peak RSS (reset) is measured over the import
+_PREPARE = """
+import sys, tempfile, time
+from pathlib import Path
+from raygen.jobs.cli import main
+def status(field):
+    return next(int(line.split()[1]) / 1024 for line in open("/proc/self/status") if line.startswith(field + ":"))
+with tempfile.TemporaryDirectory() as warm:
+    assert main(["data", "prepare", "digits", "--out", warm + "/d", "--count", "20"]) == 0
+Path("/proc/self/clear_refs").write_text("5")
+before, t0 = status("VmRSS"), time.perf_counter()
+assert main(["data", "prepare", *sys.argv[1:]]) == 0
+print("IMPORT", status("VmHWM") - before, time.perf_counter() - t0)
+"""
+
+
+def import_section(work: Path, sizes: list[int], side: int) -> list[dict]:
+    """Peak-RSS growth of importing a parquet source of `sizes` rows
+    (side x side RGB noise PNGs in files of 1,000 rows), default buffers."""
+    import io
+    import subprocess
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    pngs = []
+    for _ in range(64):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(buf, format="PNG")
+        pngs.append(buf.getvalue())
+    out = []
+    for n in sizes:
+        src = work / f"import-src-{n}"
+        src.mkdir()
+        for k, start in enumerate(range(0, n, 1000)):
+            rows = range(start, min(n, start + 1000))
+            pq.write_table(pa.table({"image": [pngs[i % 64] for i in rows], "label": [i % 10 for i in rows]}),
+                           src / f"part-{k:05d}.parquet", row_group_size=250, compression="none",
+                           use_dictionary=False)
+        source_mb = sum(f.stat().st_size for f in src.iterdir()) / 2**20
+        done = subprocess.run([sys.executable, "-c", _PREPARE, str(src), "--out", str(work / f"import-out-{n}")],
+                              capture_output=True, text=True, env={**os.environ, "RAYGEN_NO_PROGRESS": "1"})
+        if done.returncode != 0 or "IMPORT" not in done.stdout:
+            raise RuntimeError(f"import of {n} rows failed: {done.stderr[-2000:]}")
+        growth, seconds = map(float, done.stdout.split("IMPORT")[1].split()[:2])
+        out.append({"rows": n, "source_mb": source_mb, "rss_growth_mb": growth, "seconds": seconds})
+        print(f"  import {n:>6} rows ({source_mb:6.1f} MiB of parquet): {seconds:6.1f} s, peak RSS rose "
+              f"{growth:.1f} MiB", flush=True)
+    return out
+
+
 # ---------------------------------------------------------------- model size, workers, plain loop
 def probe_section(widths: list[int], workers: list[int], batch: int, steps: int) -> dict:
     from raygen.models.base import DataInfo
@@ -214,10 +271,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=20, help="training steps per model-size / worker point")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--object-store-mb", type=int, default=96)
+    p.add_argument("--import-rows", type=int, default=2000, help="rows of the 1x parquet source to import "
+                   "(64x64 RGB, about 12 KiB each; 4x and 16x follow)")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = p.parse_args(argv)
     if args.smoke:
         args.rows, args.resolution, args.channels, args.batch, args.steps = 128, 16, 1, 16, 3
+        args.import_rows = 50
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
     torch.set_num_threads(1)
@@ -238,11 +298,13 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.object_store_mb} MiB):", flush=True)
     data = data_size_section(work, [args.rows * k for k in (1, 4, 16)], args.resolution, args.channels, args.batch,
                              args.object_store_mb)
+    print("imports (raygen data prepare of a parquet source, each in a fresh process):", flush=True)
+    imports = import_section(work, [args.import_rows * k for k in (1, 4, 16)], 64)
     print("model size and workers (processes over loopback gloo):", flush=True)
     probes = probe_section([1, 2, 4], args.workers, args.batch, args.steps)
 
     results = {"date": datetime.date.today().isoformat(), "load_average": load, "cpus": os.cpu_count(),
-               "smoke": args.smoke, "shuffle": sh, "data_size": data, "probes": probes,
+               "smoke": args.smoke, "shuffle": sh, "data_size": data, "imports": imports, "probes": probes,
                "observed": {
                    "data_time_exponent": slope([r["rows"] for r in data], [r["seconds"] for r in data]),
                    # the last step alone: the first size is the most exposed to a passing load spike
@@ -250,7 +312,9 @@ def main(argv: list[str] | None = None) -> int:
                    "data_memory_16x_over_1x": data[-1]["peak_rss_mb"] / data[0]["peak_rss_mb"],
                    "model_time_exponent": slope([m["params"] for m in probes["model"]],
                                                 [1 / m["images_per_s"] for m in probes["model"]]),
-                   "engine_over_plain_peak_rss": probes["engine_over_plain"]}}
+                   "engine_over_plain_peak_rss": probes["engine_over_plain"],
+                   "import_memory_16x_minus_4x_mb": imports[-1]["rss_growth_mb"] - imports[-2]["rss_growth_mb"],
+                   "import_time_16x_over_4x": imports[-1]["seconds"] / imports[-2]["seconds"]}}
     o = results["observed"]
     stem = f"scaling_{'smoke' if args.smoke else 'cpu'}_{results['date']}"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -260,7 +324,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"observed: epoch time ~ rows^{o['data_time_exponent']:.2f} (1.00 = linear), 16x / 4x rows "
           f"{o['data_time_16x_over_4x']:.2f} (4.00 = linear); peak RSS at 16x / 1x rows "
           f"{o['data_memory_16x_over_1x']:.3f} (1.00 = flat); time per image ~ params^{o['model_time_exponent']:.2f}; "
-          f"engine / plain loop peak RSS {o['engine_over_plain_peak_rss']:.3f} (target <= 1.15)")
+          f"engine / plain loop peak RSS {o['engine_over_plain_peak_rss']:.3f} (target <= 1.15); import: peak RSS "
+          f"growth at 16x less 4x rows {o['import_memory_16x_minus_4x_mb']:+.1f} MiB (0 = flat once the source "
+          f"outgrows the 64 MiB buffers), time 16x / 4x {o['import_time_16x_over_4x']:.2f} (4.00 = linear)")
     if not args.smoke:  # the generated datasets and Ray's session files (smoke keeps its outputs there)
         import shutil
         shutil.rmtree(work, ignore_errors=True)

@@ -13,7 +13,8 @@ kinds a small value made from the model's own condition schema (the one
 `/v1/models` shows); a family that refuses it is reported as skipped with
 its reason.
 For each family and n it prints images/s, p50 and p99 latency and the on/off
-ratio (target >= 3x). The HTTP overhead over a direct `sample` call is
+ratio (target >= 3x), and per family the serving memory its replica measured
+at load (weights, activations at max batch, resident, ratio; target <= 1.2). The HTTP overhead over a direct `sample` call is
 `bench/serve_batching.py`'s (quickstart model).
 
     unshare -n bash -c 'ip link set lo up; .venv/bin/python bench/serve_families.py'
@@ -105,6 +106,23 @@ def p99(values: list[float]) -> float:
     return statistics.quantiles(values, n=100)[-1] if len(values) > 1 else values[0]
 
 
+def print_memory(url: str, name: str):
+    """The model's serving memory as its replica measured it at load (`/v1/models`), printed."""
+    import httpx
+
+    memory = httpx.get(f"{url}/{name}-on/v1/models", timeout=30).json()["models"][0].get("serving_memory")
+    if not memory or memory.get("ratio") is None:
+        print(f"{name:>10} serving memory: not measured ({(memory or {}).get('note')})", flush=True)
+        return memory
+    mib = 2**20
+    print(f"{name:>10} serving memory at batch {memory['batch']}: weights {memory['weights_bytes'] / mib:.2f} MiB "
+          f"+ activations {memory['activation_bytes'] / mib:.2f} MiB, resident {memory['resident_bytes'] / mib:.2f} "
+          f"MiB: ratio {memory['ratio']:.2f} (target <= {memory['target_ratio']:g}; load peak "
+          f"{memory['load_peak_bytes'] / mib:.2f} MiB, torch runtime {memory['runtime_bytes'] / mib:.2f} MiB apart)",
+          flush=True)
+    return memory
+
+
 def bench_family(url: str, name: str, path: Path, kind: str, info, args) -> list[dict]:
     from ray import serve
 
@@ -119,6 +137,7 @@ def bench_family(url: str, name: str, path: Path, kind: str, info, args) -> list
     try:
         for mode in ("on", "off"):
             wait_healthy(f"{url}/{name}-{mode}")
+        memory = print_memory(url, name)
         for n in args.n:
             totals = {m: {"seconds": 0.0, "images": 0, "latencies": []} for m in ("on", "off")}
             for mode in ("on", "off"):  # warm-up, untimed
@@ -134,7 +153,7 @@ def bench_family(url: str, name: str, path: Path, kind: str, info, args) -> list
                     t["seconds"] += seconds
                     t["images"] += images
                     t["latencies"] += lat
-            row = {"family": name, "n": n, "kind": kind}
+            row = {"family": name, "n": n, "kind": kind, "serving_memory": memory}
             for mode, t in totals.items():
                 row[mode] = {"images_per_s": t["images"] / t["seconds"], "p50_ms": statistics.median(t["latencies"]),
                              "p99_ms": p99(t["latencies"]), "requests": len(t["latencies"])}

@@ -43,6 +43,15 @@ def _quiet_environment() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def _token_auth(args) -> None:
+    """`--token-file` (or a token in Ray's variables): set up before anything imports Ray."""
+    from raygen.train.cluster import ClusterError, token_auth
+    try:
+        token_auth(getattr(args, "ray_token_file", None))  # not `raygen serve --token-file`: its HTTP token
+    except ClusterError as err:
+        raise UserError(str(err)) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     _quiet_environment()
     parser = build_parser()
@@ -53,8 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     from raygen.data.errors import DataError
     from raygen.exports import ModelLoadError
     from raygen.spec.errors import SpecError
-    known = (UserError, SpecError, DataError, ModelLoadError)
+    from raygen.storage import StorageError
+    known = (UserError, SpecError, DataError, ModelLoadError, StorageError)
     try:
+        _token_auth(args)
         return int(args.func(args) or 0)
     except known as err:
         print(f"raygen {args.command}: error: {err}", file=sys.stderr)

@@ -26,7 +26,8 @@ def register(sub) -> None:
                                   "`parquet` and `webdataset`, give the source as PATH.")
     pr.add_argument("name", metavar="NAME")
     pr.add_argument("path", metavar="PATH", nargs="?", help="source for folder/parquet/webdataset (same as --source)")
-    pr.add_argument("--out", required=True, metavar="DIR", help="folder to write (empty, new, or an earlier dataset)")
+    pr.add_argument("--out", required=True, metavar="DIR", help="folder to write (empty, new, or an earlier dataset), "
+                    "or s3://BUCKET/PATH (endpoint and keys from the AWS_* variables)")
     pr.add_argument("--resolution", type=_size, metavar="SIDE|HxW",
                     help="image side in pixels, or HEIGHTxWIDTH for non-square images (default: the dataset's own)")
     pr.add_argument("--channels", type=int, choices=(1, 3), help="1 (grey) or 3 (RGB); default: the dataset's own")
@@ -101,7 +102,7 @@ def prepare(args: argparse.Namespace) -> int:
     shards = sum(len(s.shards) for s in m.splits.values())
     counts = ", ".join(f"{k} {v}" for k, v in m.counts.items())
     print(f"prepared {m.name}: {counts} images at {size_text(m.size)}x{m.channels} "
-          f"in {shards} shard(s) -> {m.path}")
+          f"in {shards} shard(s) -> {m.path or args.out}")
     return 0
 
 

@@ -39,6 +39,9 @@ def register(sub) -> None:
                         "(default: the RAYGEN_API_TOKEN environment variable; neither: no token)")
     p.add_argument("--insecure", action="store_true",
                    help="allow a --host beyond loopback (e.g. 0.0.0.0) without a token")
+    p.add_argument("--in-process", action="store_true",
+                   help="serve from this one process without Ray (same API; a few ms less per request, "
+                        "no replicas, autoscaling or --address)")
     p.add_argument("--max-body-mb", type=float, default=None,
                    help="refuse larger request bodies with 413 before reading them (default 4)")
     p.set_defaults(func=run)
@@ -79,6 +82,15 @@ def run(args) -> int:
             raise UserError(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from None
     if args.port is not None and not 1 <= args.port <= 65535:
         raise UserError(f"--port must be 1..65535, got {args.port}")
+    if args.in_process:
+        if args.address:
+            raise UserError("--in-process runs without Ray: leave out --address")
+        from raygen.serving.local import serve_in_process
+        try:
+            return serve_in_process(app_args, host=args.host or (config and config.host),
+                                    port=args.port or (config and config.port), insecure=args.insecure)
+        except (OSError, ValueError, ImportError, CapabilityError) as err:
+            raise UserError(str(err)) from None
     try:
         return serve_forever(app_args, host=args.host or (config and config.host),
                              port=args.port or (config and config.port), address=args.address,

@@ -2,7 +2,11 @@
 
 The cluster's dashboard address comes from `--address`, else RAY_ADDRESS,
 else the address the job (or, for `run`, the last job) was submitted to:
-`submit run` remembers it in ~/.raygen/submit.json.
+`submit run` remembers it in ~/.raygen/submit.json. A cluster with Ray token
+auth takes the token from `--token-file` or Ray's own variables
+(RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token); raygen never
+prints it. A job that failed shows its last log lines and exits non-zero
+(`status`, `logs --follow`, `run --follow`).
 """
 from __future__ import annotations
 
@@ -17,6 +21,11 @@ ADDRESS_HELP = ("Ray dashboard address, e.g. http://HEAD:8265 (default: RAY_ADDR
                 "remembered from `raygen submit run`)")
 _ENV = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")  # what Ray's own job client reads, in its order
 _REMEMBERED_JOBS = 200
+TAIL_LINES = 20  # log lines shown with a failed job
+# never uploaded, whatever the .gitignore says (Ray honours .gitignore and .rayignore too)
+UPLOAD_EXCLUDES = ["runs/", ".venv/", "venv/", ".git/", "mlruns/", "__pycache__/", "*.egg-info/", ".pytest_cache/"]
+TOKEN_HELP = ("file holding the cluster's Ray auth token (clusters started with RAY_AUTH_MODE=token); "
+              "default: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token")
 
 
 def register(sub) -> None:
@@ -28,12 +37,18 @@ def register(sub) -> None:
     run.add_argument("--kind", choices=["train", "tune"], default="train")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     run.add_argument("--follow", action="store_true", help="stream logs until the job ends")
+    run.add_argument("--token-file", dest="ray_token_file", metavar="FILE", help=TOKEN_HELP)
     run.set_defaults(func=submit)
-    for name, fn, help_ in (("status", status, "show a job's status"), ("logs", logs, "print a job's logs"),
-                            ("stop", stop, "stop a job")):
+    lst = s.add_parser("list", help="list the cluster's jobs, oldest first")
+    lst.add_argument("--address", help=ADDRESS_HELP)
+    lst.add_argument("--token-file", dest="ray_token_file", metavar="FILE", help=TOKEN_HELP)
+    lst.set_defaults(func=list_jobs, job_id=None)
+    for name, fn, help_ in (("status", status, "show a job's status (exit 1 when it failed)"),
+                            ("logs", logs, "print a job's logs"), ("stop", stop, "stop a job")):
         q = s.add_parser(name, help=help_)
         q.add_argument("job_id")
         q.add_argument("--address", help=ADDRESS_HELP)
+        q.add_argument("--token-file", dest="ray_token_file", metavar="FILE", help=TOKEN_HELP)
         if name == "logs":
             q.add_argument("--follow", action="store_true")
         q.set_defaults(func=fn)
@@ -48,7 +63,7 @@ def _dashboard_url(address: str) -> str:
     return address if "://" in address or address == "auto" else f"http://{address}"
 
 
-def _first_line(err: BaseException) -> str:
+def _first_line(err: BaseException | str) -> str:
     lines = [line for line in str(err).splitlines() if line.strip()]
     return lines[0] if lines else type(err).__name__
 
@@ -113,12 +128,15 @@ def _client(address: str, source: str = "--address"):
 
     from raygen.jobs.cli import UserError
     url = _dashboard_url(address)
+    from raygen.train.cluster import is_auth_refusal, needs_token_message, redact
     try:
         with _without_address_env():
             return JobSubmissionClient(url)
     except Exception as err:
         origin = "" if source == "--address" else f" (from {source})"
-        raise UserError(f"cannot reach the Ray cluster at {url}{origin} ({_first_line(err)}); "
+        if is_auth_refusal(err):
+            raise UserError(needs_token_message(f"the Ray cluster at {url}{origin}", err)) from None
+        raise UserError(f"cannot reach the Ray cluster at {url}{origin} ({redact(_first_line(err))}); "
                         "check the dashboard address (http://HEAD:8265) and that the cluster is up (`ray up cluster.yaml`)") from None
 
 
@@ -129,20 +147,35 @@ def _job_client(args):
 def _call(what: str, fn, *args, **kwargs):
     """A Jobs API call; a refused request (unknown job id, cluster gone) is a user error, not a traceback."""
     from raygen.jobs.cli import UserError
+    from raygen.train.cluster import is_auth_refusal, needs_token_message, redact
     try:
         return fn(*args, **kwargs)
     except (RuntimeError, OSError) as err:  # the SDK raises RuntimeError for non-200 replies; requests' errors are OSErrors
-        raise UserError(f"{what} failed: {_first_line(err)}") from None
+        if is_auth_refusal(err):
+            raise UserError(f"{what} failed: " + needs_token_message("the cluster", err)) from None
+        raise UserError(f"{what} failed: {redact(_first_line(err))}") from None
+
+
+def _spec_in_upload(spec: str) -> str:
+    """The spec as a path inside the uploaded working directory (the current folder)."""
+    from raygen.jobs.cli import UserError
+    here = Path.cwd().resolve()
+    path = Path(spec).resolve()
+    if not path.is_relative_to(here):
+        raise UserError(f"{spec} is outside the current folder {here}, which is what the job uploads; "
+                        "run `raygen submit run` from a folder that holds the spec")
+    return str(path.relative_to(here))
 
 
 def submit(args) -> int:
     from raygen.spec import load_spec
     load_spec(args.spec, args.set)  # fail here, not on the cluster
-    entry = " ".join(["raygen", args.kind, shlex.quote(args.spec)] + [f"--set {shlex.quote(s)}" for s in args.set])
+    spec = _spec_in_upload(args.spec)
+    entry = " ".join(["raygen", args.kind, shlex.quote(spec)] + [f"--set {shlex.quote(s)}" for s in args.set])
     address, source = resolve_address(args.address)
     client = _client(address, source)
     job_id = _call("submitting the job", client.submit_job, entrypoint=entry,
-                   runtime_env={"working_dir": ".", "excludes": ["runs/", ".venv/", ".git/"]})
+                   runtime_env={"working_dir": ".", "excludes": UPLOAD_EXCLUDES})
     remember(job_id, address)
     print(f"submitted {job_id} to {_dashboard_url(address)}: {entry}")
     print(f"  status: raygen submit status {job_id}")
@@ -153,9 +186,52 @@ def submit(args) -> int:
     return 0
 
 
+def _state(status) -> str:
+    """'FAILED' from JobStatus.FAILED (a str enum) or the plain string."""
+    return str(getattr(status, "value", status)).rsplit(".", 1)[-1]
+
+
+def _ended_badly(status) -> bool:
+    return _state(status) in ("FAILED", "STOPPED")
+
+
+def _show_failure(client, job_id: str, info=None, with_tail: bool = True) -> None:
+    """Why a job ended badly: Ray's one-line reason and (unless they were just
+    streamed) the last log lines, on stderr."""
+    import sys
+    from raygen.train.cluster import redact
+    info = info or _call(f"status of {job_id}", client.get_job_info, job_id)
+    text = _call(f"logs of {job_id}", client.get_job_logs, job_id) if with_tail else ""
+    tail = [line for line in text.splitlines() if line.strip()][-TAIL_LINES:]
+    reason = _first_line(info.message) if info.message else "no reason given"
+    print(f"job {job_id} {_state(info.status)}: {redact(reason)}", file=sys.stderr)
+    if tail:
+        print(f"last {len(tail)} log lines:", file=sys.stderr)
+        print(redact("\n".join("  " + line for line in tail)), file=sys.stderr)
+
+
 def status(args) -> int:
-    info = _call(f"status of {args.job_id}", _job_client(args).get_job_info, args.job_id)
-    print(f"{args.job_id}: {info.status}" + (f" ({info.message})" if info.message else ""))
+    client = _job_client(args)
+    info = _call(f"status of {args.job_id}", client.get_job_info, args.job_id)
+    if _ended_badly(info.status):
+        _show_failure(client, args.job_id, info)
+        return 1
+    print(f"{args.job_id}: {_state(info.status)}" + (f" ({_first_line(info.message)})" if info.message else ""))
+    return 0
+
+
+def list_jobs(args) -> int:
+    address, source = resolve_address(args.address)
+    jobs = _call("listing jobs", _client(address, source).list_jobs)
+    if not jobs:
+        print(f"no jobs on {_dashboard_url(address)}")
+        return 0
+    rows = [(j.submission_id or j.job_id or "?", _state(j.status),
+             time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(j.start_time / 1000)) if j.start_time else "-",
+             j.entrypoint or "") for j in sorted(jobs, key=lambda j: j.start_time or 0)]
+    widths = [max(len(r[i]) for r in rows + [("JOB", "STATUS", "STARTED", "")]) for i in range(3)]
+    for row in [("JOB", "STATUS", "STARTED", "ENTRYPOINT"), *rows]:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row[:3], widths)) + "  " + row[3])
     return 0
 
 
@@ -171,8 +247,12 @@ def logs(args) -> int:
         seen = len(text)
         state = _call(f"status of {args.job_id}", client.get_job_status, args.job_id)
         if state.is_terminal():
-            print(f"\njob {args.job_id} ended: {state}")
-            return 0 if str(state).endswith("SUCCEEDED") else 1
+            if _ended_badly(state):
+                print(flush=True)
+                _show_failure(client, args.job_id, with_tail=False)  # the log was just streamed
+                return 1
+            print(f"\njob {args.job_id} ended: {_state(state)}")
+            return 0
         time.sleep(2)
 
 

@@ -10,6 +10,8 @@ def add_run_options(p) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override, e.g. train.steps=200")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded cluster)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///<run_dir>/mlflow.db)")
+    p.add_argument("--token-file", dest="ray_token_file", metavar="FILE", help="file holding the cluster's Ray auth token (a cluster started with "
+                   "RAY_AUTH_MODE=token); default: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="also show library output (Ray, DeepSpeed, torch, MLflow) on the console; it is always in "
                         "the run's run.log")
@@ -56,6 +58,8 @@ def run(args) -> int:
         peaks = peak_summary(result.metrics)
         if peaks:
             print(f"  peak RSS:   {peaks} per worker")
+    if result.placement:
+        print(f"  workers on: {result.placement}")
     if result.grid:
         print(f"  samples:    {result.grid}")
     if result.checkpoint:
@@ -110,6 +114,8 @@ def resume_command(args, overrides: list[str]) -> str:
         parts.append(f"--address {shlex.quote(args.address)}")
     if args.tracking_uri:
         parts.append(f"--tracking-uri {shlex.quote(args.tracking_uri)}")
+    if getattr(args, "ray_token_file", None):  # the file's path, never the token
+        parts.append(f"--token-file {shlex.quote(args.ray_token_file)}")
     return " ".join(parts)
 
 

@@ -28,6 +28,7 @@ from ray import serve
 
 from raygen.serving.metrics import metrics
 from raygen.serving.requests import SampleJob
+from raygen.serving.streaming import StreamItem, stream_job
 
 logger = logging.getLogger("ray.serve")
 
@@ -50,6 +51,7 @@ class BatchSampler:
         # and the milliseconds spent in model.sample
         self.batches = self.forward_calls = self.jobs_done = self.images_done = 0
         self.sample_ms = 0.0
+        self.stream_steps = self.cancelled = 0  # sampling steps run for streamed requests; streams cut short
         self.run_id: str | None = None  # the MLflow run of the weights, returned with each result
 
     def run(self, jobs: Sequence[SampleJob]) -> list[dict[str, Any]]:
@@ -59,10 +61,19 @@ class BatchSampler:
         groups: dict[tuple, tuple[Any, list[int]]] = {}
         results: list[dict[str, Any]] = [{}] * len(jobs)
         for i, job in enumerate(jobs):
+            stream = None
+            if isinstance(job, StreamItem):  # a streamed request: sampled alone, with its preview callback
+                job, stream = job.job, job.sink
             try:
                 params = self.model.sampling_params.model_validate(job.params)
             except ValueError as err:  # the ingress validated these already: only a version skew gets here
                 results[i] = {"error": f"model {self.name!r} rejected the sampling params: {err}", "status": 422}
+                continue
+            if stream is not None:
+                result = self._alone(job, params, stream)
+                self.stream_steps += stream.steps
+                self.cancelled += int(result.get("status") == 499)
+                results[i] = {**result, "run_id": self.run_id} if "images" in result else result
                 continue
             key = (job.kind, repr(params.key()), job.size)  # one forward call draws one size
             groups.setdefault(key, (params, []))[1].append(i)
@@ -76,11 +87,11 @@ class BatchSampler:
                 results[i] = {**result, "run_id": self.run_id} if "images" in result else result
         return results
 
-    def _forward(self, jobs: Sequence[SampleJob], params) -> tuple[np.ndarray, list[int], float]:
+    def _forward(self, jobs: Sequence[SampleJob], params, stream=None) -> tuple[np.ndarray, list[int], float]:
         import torch
 
         from raygen.models import Conditions
-        from raygen.models.sampling import image_seeds, make_generators
+        from raygen.models.sampling import image_seeds, make_generators, previewing
         from raygen.images import to_uint8
 
         t0 = time.perf_counter()
@@ -88,7 +99,7 @@ class BatchSampler:
         seeds = [s for job in jobs for s in image_seeds(job.seed, job.n)]
         self.forward_calls += 1
         size = jobs[0].size  # equal within a merged group (the group key holds it)
-        with torch.inference_mode():
+        with torch.inference_mode(), previewing(stream):
             generators = make_generators(seeds, self.device)
             if size is None:
                 images = self.model.sample(conditions, params, generators)
@@ -118,9 +129,14 @@ class BatchSampler:
             start += job.n
         return out
 
-    def _alone(self, job: SampleJob, params) -> dict[str, Any]:
+    def _alone(self, job: SampleJob, params, stream=None) -> dict[str, Any]:
+        from raygen.models.sampling import SamplingCancelled
+
         try:
-            images, seeds, ms = self._forward([job], params)
+            images, seeds, ms = self._forward([job], params, stream)
+        except SamplingCancelled as err:
+            logger.info("%s", err)
+            return {"error": str(err), "status": 499}  # nobody is listening: no client sees this
         except ValueError as err:
             # the family judged a value (a condition or a parameter): the client's to fix
             return {"error": f"model {self.name!r} rejected the request: {err}", "status": 422}
@@ -175,14 +191,19 @@ class ContinuousBatcher:
                 await self._arrived.wait()
                 continue
             deadline = self._pending[0][0] + self.wait_s
+            if _alone(self._pending[0][1]):
+                deadline = 0.0  # a streamed request waits for no company: it runs alone
             while len(self._pending) < self.max_batch_size and time.monotonic() < deadline:
                 self._arrived.clear()
                 try:
                     await asyncio.wait_for(self._arrived.wait(), deadline - time.monotonic())
                 except asyncio.TimeoutError:
                     break
-            batch = [p for p in self._pending[:self.max_batch_size] if not p[2].done()]
-            del self._pending[:self.max_batch_size]
+            head = self._pending[:self.max_batch_size]
+            # a streamed request is a batch of its own; others in the window wait for the next batch
+            taken = head[:1] if _alone(head[0][1]) else [p for p in head if not _alone(p[1])]
+            self._pending = [p for p in self._pending if not any(p is t for t in taken)]
+            batch = [p for p in taken if not p[2].done()]
             if not batch:
                 continue
             self._running = len(batch)
@@ -201,24 +222,39 @@ class ContinuousBatcher:
                         future.set_result(result)
 
 
+def _alone(item: Any) -> bool:
+    return bool(getattr(item, "alone", False))
+
+
 class QueueFull(Exception):
     """A model's queue holds serve.max_queued_requests already: the request is refused (503)."""
 
 
 def load_sampler(name: str, uri: str, *, tracking_uri: str | None, imports: list[str], use_gpu: bool,
-                 merge: bool) -> tuple[BatchSampler, dict[str, Any]]:
-    """Load a model in a replica: its BatchSampler and its card (`loading.model_card`) plus the device."""
+                 merge: bool, measure_batch: int = 0) -> tuple[BatchSampler, dict[str, Any]]:
+    """Load a model in a replica: its BatchSampler and its card (`loading.model_card`) plus the device.
+    measure_batch > 0: a warm-up sample at that batch measures the model's serving memory
+    (`memory.load_measured`), reported in the card as `serving_memory`."""
     import torch
 
     from raygen.exports import load_generator
     from raygen.serving.loading import import_modules, model_card, registry_info
+    from raygen.serving.memory import load_measured
 
     import_modules(imports)
-    loaded = load_generator(uri, tracking_uri)
     device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-    model = loaded.model.to(device).eval()
-    logger.info("generator %s loaded from %s on %s", name, uri, device)
-    card = {**model_card(loaded, name=name), "device": device, "registry": registry_info(uri, tracking_uri)}
+    holder = {}
+
+    def load():
+        holder["loaded"] = loaded = load_generator(uri, tracking_uri)
+        loaded.model = loaded.model.to(device).eval()
+        return loaded.model
+
+    model, memory = load_measured(load, uri, batch=measure_batch, device=device)
+    loaded = holder["loaded"]
+    logger.info("generator %s loaded from %s on %s (memory: %s)", name, uri, device, memory)
+    card = {**model_card(loaded, name=name), "device": device, "registry": registry_info(uri, tracking_uri),
+            "serving_memory": memory}
     sampler = BatchSampler(model, name=name, device=device, merge=merge)
     sampler.run_id = card["run_id"]
     return sampler, card
@@ -235,10 +271,10 @@ class ModelSlot:
     that drew them, so a client sees the switch."""
 
     def __init__(self, name: str, uri: str, *, tracking_uri: str | None, imports: list[str], use_gpu: bool,
-                 merge: bool, replicas: int, poll_s: float = 0.0):
+                 merge: bool, replicas: int, poll_s: float = 0.0, measure_batch: int = 0):
         self.name, self.uri, self.tracking_uri, self.poll_s = name, uri, tracking_uri, poll_s
         self._load = functools.partial(load_sampler, name, uri, tracking_uri=tracking_uri, imports=imports,
-                                       use_gpu=use_gpu, merge=merge)
+                                       use_gpu=use_gpu, merge=merge, measure_batch=measure_batch)
         self.sampler, info = self._load()
         self.info = {**info, "replicas": replicas}
         self.swaps = 0
@@ -274,7 +310,8 @@ class ModelSlot:
 
 def sampler_stats(sampler: BatchSampler) -> dict[str, float]:
     return {"batches": sampler.batches, "forward_calls": sampler.forward_calls, "requests": sampler.jobs_done,
-            "images": sampler.images_done, "sample_ms": sampler.sample_ms}
+            "images": sampler.images_done, "sample_ms": sampler.sample_ms, "stream_steps": sampler.stream_steps,
+            "cancelled": sampler.cancelled}
 
 
 @serve.deployment
@@ -285,7 +322,7 @@ class GeneratorServer:
                  max_batch_size: int, batch_wait_timeout_s: float, replicas: int, use_gpu: bool,
                  merge: bool = True, alias_poll_s: float = 0.0):
         self.slot = ModelSlot(name, uri, tracking_uri=tracking_uri, imports=imports, use_gpu=use_gpu, merge=merge,
-                              replicas=replicas, poll_s=alias_poll_s)
+                              replicas=replicas, poll_s=alias_poll_s, measure_batch=max_batch_size)
         self.batcher = ContinuousBatcher(self.slot.run, max_batch_size=max_batch_size,
                                          batch_wait_timeout_s=batch_wait_timeout_s)
 
@@ -299,6 +336,14 @@ class GeneratorServer:
     async def generate(self, job: SampleJob) -> dict[str, Any]:
         """Returns {"images": uint8 [n, H, W, C], "seeds", "sample_ms", "batch_images"} or {"error", "status"}."""
         return await self.batcher.submit(job)
+
+    async def generate_stream(self, job: SampleJob, partial_images: int):
+        """Streamed previews (call with `handle.options(stream=True)`): partial events, then the result.
+        A caller that cancels the stream stops the sampling at its next step."""
+        sampler = self.slot.sampler
+        async for event in stream_job(self.batcher.submit, job, partial_images, model=sampler.name,
+                                      family=sampler.family):
+            yield event
 
 
 class _LocalCall:
@@ -337,6 +382,13 @@ class LocalGenerator:
         self.generate = _LocalMethod(self._generate)
         self.info = _LocalMethod(self._describe)
 
+    def open_stream(self, job: SampleJob, partial_images: int):
+        """Streamed previews (`streaming.stream_job`); refused at once with QueueFull like generate."""
+        if self.batcher.in_flight >= self.max_in_flight:
+            raise QueueFull(f"{self.batcher.in_flight} requests queued or running")
+        sampler = self.slot.sampler
+        return stream_job(self.batcher.submit, job, partial_images, model=sampler.name, family=sampler.family)
+
     async def _generate(self, job: SampleJob) -> dict[str, Any]:
         if self.batcher.in_flight >= self.max_in_flight:
             raise QueueFull(f"{self.batcher.in_flight} requests queued or running")
@@ -351,7 +403,7 @@ def local_generator(name: str, uri: str, *, tracking_uri: str | None, imports: l
                     replicas: int, alias_poll_s: float = 0.0) -> tuple[ModelSlot, LocalGenerator]:
     """A model loaded in this process behind its batcher, shaped like a deployment handle."""
     slot = ModelSlot(name, uri, tracking_uri=tracking_uri, imports=imports, use_gpu=use_gpu, merge=merge,
-                     replicas=replicas, poll_s=alias_poll_s)
+                     replicas=replicas, poll_s=alias_poll_s, measure_batch=max_batch_size)
     batcher = ContinuousBatcher(slot.run, max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s)
     return slot, LocalGenerator(batcher, slot, max_in_flight=2 * max_batch_size + max_queued_requests)
 
@@ -469,6 +521,11 @@ class MultiplexedHandle:
         self.generate = _LocalMethod(lambda job: _awaiting(
             handle.options(multiplexed_model_id=model_id).generate.remote(job)))
         self.info = _LocalMethod(lambda: _awaiting(handle.info.remote(model_id)))
+        self._handle, self._model_id = handle, model_id
+
+    def open_stream(self, job: SampleJob, partial_images: int):
+        return self._handle.options(multiplexed_model_id=self._model_id, stream=True).generate_stream.remote(
+            job, partial_images)
 
 
 async def _awaiting(response):
@@ -509,6 +566,13 @@ def multiplex_deployment(per_replica: int):
         async def generate(self, job: SampleJob) -> dict[str, Any]:
             batcher = await self.model(serve.get_multiplexed_model_id())
             return await batcher.submit(job)
+
+        async def generate_stream(self, job: SampleJob, partial_images: int):
+            model_id = serve.get_multiplexed_model_id()
+            batcher = await self.model(model_id)
+            async for event in stream_job(batcher.submit, job, partial_images, model=model_id,
+                                          family=self.cards[model_id]["family"]):
+                yield event
 
         async def info(self, model_id: str) -> dict[str, Any]:
             return {**self.cards[model_id], "device": self.device, "replicas": 1, "multiplexed": True}

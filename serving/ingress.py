@@ -13,6 +13,8 @@ logic without FastAPI or Ray: tests drive it with stand-in deployment handles.
 # No `from __future__ import annotations`: FastAPI reads the routes' annotations at run time.
 import asyncio
 import base64
+import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -26,17 +28,21 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from raygen.images import grid, png_base64, png_bytes
+from raygen.models.sampling import image_seeds
 from raygen.serving.deployments import QueueFull
 from raygen.serving.guard import DEFAULT_MAX_BODY_BYTES, Guard, error_body
 from raygen.serving.metrics import metrics
-from raygen.serving.openai_images import (MEDIA_TYPES, FileStore, ImagesRequest, check_size, default_files_dir,
-                                          encode, parse_openai, size_fields, to_generate_body)
+from raygen.serving.openai_images import (MEDIA_TYPES, FileStore, ImagesRequest, check_size, completed_event,
+                                          default_files_dir, encode, parse_openai, partial_event, size_fields,
+                                          to_generate_body)
 from raygen.serving.requests import RequestError, ServedModel, pick_model, resolve
 from raygen.serving.schema import (ErrorBody, GenerateResponse, HealthResponse, ImagesResponse, ModelsResponse,
                                    OpenAIErrorBody, request_schemas)
+from raygen.serving.streaming import EventStream, sse
 
 logger = logging.getLogger("ray.serve")
 
@@ -119,23 +125,11 @@ class Frontend:
                 raise RequestError(f"models are not ready: {short(err)}", None, 503, headers={"Retry-After": "5"},
                                    code="not_ready") from None
 
-    async def _sample(self, plan, deadline: float) -> tuple[Any, list[int], list, Optional[str]]:
-        """(images uint8 [k, H, W, C], their seeds, their scores or Nones, the run_id of the weights);
-        failures raise RequestError."""
-        await self._ready()
+    @contextlib.contextmanager
+    def _failures(self, plan):
+        """Turns what a deployment call raises into a RequestError with the right status."""
         try:
-            result = await self._call(self.generators[plan.model].generate.remote(plan.job), deadline)
-            if "error" in result:
-                raise RequestError(result["error"], None, result["status"],
-                                   code="model_rejected" if result["status"] == 422 else "generation_failed")
-            images, seeds = result["images"], list(result["seeds"])
-            scores: list = [None] * plan.keep
-            if plan.rerank_text is not None:
-                ranked = await self._call(self.scorer.rerank.remote(plan.rerank_text, images, plan.keep), deadline)
-                order = list(ranked["order"])
-                images, seeds, scores = images[order], [seeds[i] for i in order], [float(s) for s in ranked["scores"]]
-            else:
-                images, seeds = images[:plan.keep], seeds[:plan.keep]
+            yield
         except RequestError:
             raise
         except asyncio.TimeoutError:
@@ -151,17 +145,95 @@ class Frontend:
         except Exception as err:  # noqa: BLE001 - a failed replica call is a 500 with a message, not a traceback
             logger.exception("generate failed for %r", plan)
             raise RequestError(f"internal error: {short(err)}", None, 500, code="internal_error") from None
+
+    async def _sample(self, plan, deadline: float) -> tuple[Any, list[int], list, Optional[str]]:
+        """(images uint8 [k, H, W, C], their seeds, their scores or Nones, the run_id of the weights);
+        failures raise RequestError."""
+        await self._ready()
+        with self._failures(plan):
+            result = await self._call(self.generators[plan.model].generate.remote(plan.job), deadline)
+            return await self._finish(plan, result, deadline)
+
+    async def _finish(self, plan, result: dict, deadline: float) -> tuple[Any, list[int], list, Optional[str]]:
+        """A generator's result, reranked when best_of asks, cut to the images the client keeps."""
+        if "error" in result:
+            raise RequestError(result["error"], None, result["status"],
+                               code="model_rejected" if result["status"] == 422 else "generation_failed")
+        images, seeds = result["images"], list(result["seeds"])
+        scores: list = [None] * plan.keep
+        if plan.rerank_text is not None:
+            ranked = await self._call(self.scorer.rerank.remote(plan.rerank_text, images, plan.keep), deadline)
+            order = list(ranked["order"])
+            images, seeds, scores = images[order], [seeds[i] for i in order], [float(s) for s in ranked["scores"]]
+        else:
+            images, seeds = images[:plan.keep], seeds[:plan.keep]
         return images, seeds, scores, result.get("run_id") or self.models[plan.model].card["run_id"]
+
+    def _open_stream(self, plan):
+        handle = self.generators[plan.model]
+        if isinstance(handle, DeploymentHandle):  # a generator deployment (any attribute is a method there)
+            return handle.options(stream=True).generate_stream.remote(plan.job, plan.partial_images)
+        return handle.open_stream(plan.job, plan.partial_images)  # a model in this process, or a multiplexed one
+
+    async def _stream(self, plan, deadline: float):
+        """("partial", event) for each preview, then ("result", (images, seeds, scores, run_id));
+        failures raise RequestError. Closing it early cancels the sampling."""
+        await self._ready()
+        with self._failures(plan):
+            stream = self._open_stream(plan)
+        try:
+            while True:
+                with self._failures(plan):
+                    try:
+                        event = await asyncio.wait_for(stream.__anext__(), max(deadline - time.perf_counter(),
+                                                                                0.001))
+                    except StopAsyncIteration:
+                        raise RequestError("the model's stream ended without a result", None, 500,
+                                           code="internal_error") from None
+                if event["type"] == "partial":
+                    yield "partial", event
+                    continue
+                with self._failures(plan):
+                    done = await self._finish(plan, event, deadline)
+                yield "result", done
+                return
+        finally:
+            cancel = getattr(stream, "cancel", None)  # a Serve stream; a local one is an async generator
+            if cancel is not None:
+                cancel()
+            else:
+                with contextlib.suppress(RuntimeError):  # still running in a cancelled wait: it closes itself
+                    await stream.aclose()
+
+    async def _first(self, plan, start: float):
+        """Starts a stream and waits for its first event, so that a refusal (a full queue, a bad value)
+        is still an HTTP status rather than an event."""
+        events = self._stream(plan, start + self.timeout)
+        try:
+            return await events.__anext__(), events
+        except BaseException:
+            await events.aclose()
+            raise
+
+    @staticmethod
+    async def _encode_previews(images, encode_one) -> list:
+        return [encode_one(im) for im in images] if images[0].size * len(images) <= 65536 else \
+            await asyncio.to_thread(lambda: [encode_one(im) for im in images])
 
     async def generate(self, body: Any):
         start = time.perf_counter()
         try:
             plan = resolve(body, self.models, default_model=self.default_model, max_n=self.max_n,
                            reranking=self.reranking)
-            images, seeds, scores, run_id = await self._sample(plan, start + self.timeout)
+            if plan.stream:
+                first, events = await self._first(plan, start)
+            else:
+                images, seeds, scores, run_id = await self._sample(plan, start + self.timeout)
         except RequestError as err:
             metrics().answered(body.get("model") if isinstance(body, dict) else None, "generate", err.status)
             return error(err.status, err.message, err.field, err.headers)
+        if plan.stream:
+            return EventStream(self._generate_events(plan, first, events, start))
         metrics().answered(plan.model, "generate", 200)
 
         if plan.format == "png":
@@ -174,13 +246,36 @@ class Frontend:
             if plan.rerank_text is not None:
                 headers["X-Raygen-Scores"] = ",".join(f"{s:.6g}" for s in scores)
             return Response(body, media_type="image/png", headers=headers)
+        return JSONResponse(await self._generate_json(plan, images, seeds, scores, run_id, start))
+
+    async def _generate_json(self, plan, images, seeds, scores, run_id, start: float) -> dict:
         # a few tiny PNGs encode faster here than a thread hand-off costs
-        encoded = [png_base64(im) for im in images] if images[0].size * len(images) <= 65536 else \
-            await asyncio.to_thread(lambda: [png_base64(im) for im in images])
-        return JSONResponse({"model": plan.model, "run_id": run_id,
-                             "images": [{"png_base64": b, "seed": s, "score": sc}
-                                        for b, s, sc in zip(encoded, seeds, scores)],
-                             "seed": plan.job.seed, "elapsed_ms": round((time.perf_counter() - start) * 1e3, 2)})
+        encoded = await self._encode_previews(images, png_base64)
+        return {"model": plan.model, "run_id": run_id,
+                "images": [{"png_base64": b, "seed": s, "score": sc} for b, s, sc in zip(encoded, seeds, scores)],
+                "seed": plan.job.seed, "elapsed_ms": round((time.perf_counter() - start) * 1e3, 2)}
+
+    async def _generate_events(self, plan, first, events, start: float):
+        """`/v1/generate` with stream: `preview` events, then `result` (the JSON of a plain request) or `error`."""
+        seeds = image_seeds(plan.job.seed, plan.job.n)
+        try:
+            kind, payload = first
+            while True:
+                if kind == "partial":
+                    encoded = await self._encode_previews(payload["images"], png_base64)
+                    yield sse("preview", {"index": payload["index"], "step": payload["step"],
+                                          "total": payload["total"],
+                                          "images": [{"png_base64": b, "seed": s} for b, s in zip(encoded, seeds)]})
+                else:
+                    metrics().answered(plan.model, "generate", 200)
+                    yield sse("result", await self._generate_json(plan, *payload, start))
+                    return
+                kind, payload = await events.__anext__()
+        except RequestError as err:
+            metrics().answered(plan.model, "generate", err.status)
+            yield sse("error", {"error": err.message, "field": err.field, "status": err.status})
+        finally:
+            await events.aclose()
 
     async def images_generations(self, body: Any, base_url: str):
         """OpenAI's `POST /v1/images/generations` (see `raygen.serving.openai_images`)."""
@@ -201,19 +296,30 @@ class Frontend:
             if req.response_format == "url" and self.files is None:
                 raise RequestError("this server keeps no files: use response_format b64_json", "response_format",
                                    400)
-            images, seeds, scores, run_id = await self._sample(plan, start + self.timeout)
+            if req.partial_images and not req.stream:
+                raise RequestError("partial_images needs stream: true", "partial_images", 400)
+            if req.stream:
+                if req.response_format == "url":
+                    raise RequestError("a stream sends images as b64_json: leave response_format out with stream",
+                                       "response_format", 400)
+                plan = dataclasses.replace(plan, stream=True, partial_images=req.partial_images or 0)
+                first, events = await self._first(plan, start)
+            else:
+                images, seeds, scores, run_id = await self._sample(plan, start + self.timeout)
         except RequestError as err:
             metrics().answered(body.get("model") if isinstance(body, dict) else None, "images", err.status)
             code = err.code or {404: "model_not_found"}.get(err.status)
             return JSONResponse(error_body(path, err.status, err.message, err.field, code),
                                 status_code=err.status, headers=err.headers)
+        if req.stream:
+            return EventStream(self._images_events(plan, req, size, used, first, events))
         metrics().answered(plan.model, "images", 200)
         fmt = req.output_format or "png"
 
-        def encode_all():
-            return [encode(im, fmt, req.output_compression) for im in images]
+        def encode_one(im):
+            return encode(im, fmt, req.output_compression)
 
-        blobs = encode_all() if images[0].size * len(images) <= 65536 else await asyncio.to_thread(encode_all)
+        blobs = await self._encode_previews(images, encode_one)
         data = []
         for blob, seed, score in zip(blobs, seeds, scores):
             item = {"revised_prompt": used, "seed": seed, "score": score}
@@ -226,6 +332,40 @@ class Frontend:
         return JSONResponse({"created": int(time.time()), "data": data, "size": size, "output_format": fmt,
                              "model": plan.model, "run_id": run_id,
                              "seed": plan.job.seed})
+
+    async def _images_events(self, plan, req, size: str, used: Optional[str], first, events):
+        """OpenAI's stream: `image_generation.partial_image` per preview and image, then
+        `image_generation.completed` per image (or an `error` event)."""
+        fmt = req.output_format or "png"
+        seeds = image_seeds(plan.job.seed, plan.job.n)
+
+        def b64(im) -> str:
+            return base64.b64encode(encode(im, fmt, req.output_compression)).decode("ascii")
+
+        try:
+            kind, payload = first
+            while True:
+                if kind == "partial":
+                    for i, blob in enumerate(await self._encode_previews(payload["images"], b64)):
+                        yield sse("image_generation.partial_image", partial_event(
+                            blob, index=payload["index"], size=size, output_format=fmt,
+                            image_index=i, seed=seeds[i], step=payload["step"], total=payload["total"]))
+                else:
+                    images, kept, scores, run_id = payload
+                    metrics().answered(plan.model, "images", 200)
+                    for i, (blob, seed, score) in enumerate(zip(await self._encode_previews(images, b64), kept,
+                                                                scores)):
+                        yield sse("image_generation.completed", completed_event(
+                            blob, size=size, output_format=fmt, image_index=i, seed=seed, score=score,
+                            revised_prompt=used, model=plan.model, run_id=run_id))
+                    return
+                kind, payload = await events.__anext__()
+        except RequestError as err:
+            metrics().answered(plan.model, "images", err.status)
+            code = err.code or {404: "model_not_found"}.get(err.status)
+            yield sse("error", error_body("/v1/images/", err.status, err.message, err.field, code))
+        finally:
+            await events.aclose()
 
     def file(self, name: str):
         found = self.files.get(name) if self.files is not None else None
@@ -312,8 +452,9 @@ def make_api(front: Frontend, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         return await front.list_models()
 
     @api.post("/v1/generate", response_model=GenerateResponse,
-              responses={**_ERRORS, 200: {"content": {"image/png": {}},
-                                          "description": "JSON, or one PNG when format is png"}})
+              responses={**_ERRORS, 200: {"content": {"image/png": {}, "text/event-stream": {}},
+                                          "description": "JSON, one PNG when format is png, or server-sent "
+                                                         "events (preview, result, error) with stream"}})
     async def generate(request: Request):
         try:
             body = await _json_body(request)
@@ -322,7 +463,9 @@ def make_api(front: Frontend, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         return await front.generate(body)
 
     @api.post("/v1/images/generations", response_model=ImagesResponse,
-              responses={code: {"model": OpenAIErrorBody} for code in (400, 401, 404, 413, 422, 429, 503, 504)})
+              responses={200: {"content": {"text/event-stream": {}}, "description": "JSON, or with stream "
+                               "server-sent events (image_generation.partial_image, image_generation.completed)"},
+                         **{code: {"model": OpenAIErrorBody} for code in (400, 401, 404, 413, 422, 429, 503, 504)}})
     async def images_generations(request: Request):
         try:
             body = await _json_body(request)

@@ -1,4 +1,5 @@
-"""raygen's own serving metrics: images generated, sampling seconds, requests, queue rejections.
+"""raygen's own serving metrics: images generated, sampling seconds, requests, queue rejections, and the
+steps and cancellations of streamed requests.
 
 Recorded in two places at once:
 
@@ -34,6 +35,10 @@ class ServeMetrics:
                                 ["model", "route", "status"], registry=self.registry)
         self.rejections = Counter("raygen_queue_rejections", "requests refused because a model's queue was full",
                                   ["model"], registry=self.registry)
+        self.steps = Counter("raygen_sampling_steps", "sampling steps run for streamed requests (denoising "
+                             "steps, tokens, levels)", ["model", "family"], registry=self.registry)
+        self.cancels = Counter("raygen_sampling_cancelled", "streamed requests whose sampling stopped because "
+                               "the client went away", ["model"], registry=self.registry)
         self._ray: Optional[dict] = None
         self._ray_checked = False
         self._warned = False
@@ -92,6 +97,12 @@ class ServeMetrics:
             if ray_metrics:
                 ray_metrics["rejections"].inc(1, tags={"model": model})
         self._safely(record)
+
+    def stepped(self, model: str, family: str) -> None:
+        self._safely(lambda: self.steps.labels(model, family).inc())
+
+    def cancelled(self, model: str) -> None:
+        self._safely(lambda: self.cancels.labels(model).inc())
 
     def text(self) -> bytes:
         from prometheus_client import generate_latest

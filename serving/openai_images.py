@@ -51,8 +51,10 @@ class ImagesRequest(BaseModel):
     moderation: Optional[Literal["auto"]] = Field(None, description="only 'auto'")
     style: Optional[str] = Field(None, description="not supported; a family's own 'style' parameter, if any, "
                                                    "is passed as a sampling parameter")
-    stream: Optional[Literal[False]] = Field(None, description="streamed previews are not served yet: false only")
-    partial_images: Optional[int] = Field(None, ge=0, le=0, description="0 only (no streamed previews yet)")
+    stream: Optional[bool] = Field(None, description="true: server-sent events, image_generation.partial_image "
+                                   "(partial_images of them) then image_generation.completed per image")
+    partial_images: Optional[int] = Field(None, ge=0, le=3, description="with stream: previews sent while sampling "
+                                          "(0..3)")
 
 
 OPENAI_FIELDS = frozenset(ImagesRequest.model_fields) - {"style"}
@@ -204,3 +206,24 @@ def default_files_dir() -> str:
     import tempfile
 
     return str(Path(tempfile.gettempdir()) / f"raygen-files-{os.getuid()}")
+
+
+# ---------------------------------------------------------------- streamed answers (stream: true)
+# The fields of the openai client's ImageGenPartialImageEvent and ImageGenCompletedEvent; raygen's own
+# (image_index, seed, step, total, score, model, run_id, revised_prompt) ride along as extras.
+_STREAM_COMMON = {"background": "opaque", "quality": "auto"}
+_NO_USAGE = {"input_tokens": 0, "input_tokens_details": {"image_tokens": 0, "text_tokens": 0}, "output_tokens": 0,
+             "total_tokens": 0}
+
+
+def partial_event(b64_json: str, *, index: int, size: str, output_format: str, **extra) -> dict:
+    """`image_generation.partial_image`: preview `index` (0-based) of one image."""
+    return {"type": "image_generation.partial_image", "b64_json": b64_json, "partial_image_index": index,
+            "created_at": int(time.time()), "size": size, "output_format": output_format, **_STREAM_COMMON,
+            **extra}
+
+
+def completed_event(b64_json: str, *, size: str, output_format: str, **extra) -> dict:
+    """`image_generation.completed`: one final image (one event per image when n > 1)."""
+    return {"type": "image_generation.completed", "b64_json": b64_json, "created_at": int(time.time()),
+            "size": size, "output_format": output_format, "usage": _NO_USAGE, **_STREAM_COMMON, **extra}

@@ -74,6 +74,8 @@ class Plan:
     keep: int                  # images returned (k when reranking, else n)
     rerank_text: str | None    # set when best_of asks for reranking
     format: str
+    stream: bool = False       # server-sent events; sampled alone, never merged with other requests
+    partial_images: int = 0    # previews sent while sampling (with stream)
 
 
 def _show(names: list[str], limit: int = 12) -> str:
@@ -196,6 +198,12 @@ def resolve(body: Any, models: dict[str, ServedModel], *, default_model: str, ma
     given = {k: v for k, v in body.items() if k in cond_fields and v is not None}
     extras = {k: v for k, v in body.items() if k not in GenerateCommon.model_fields and k not in cond_fields}
 
+    if req.partial_images and not req.stream:
+        raise RequestError("partial_images needs stream: true (previews are sent as server-sent events)",
+                           "partial_images")
+    if req.stream and req.format == "png":
+        raise RequestError("a stream sends JSON events with base64 PNGs: leave format out (or base64) with stream",
+                           "format")
     n = req.n if req.n is not None else 1
     if n > max_n:
         raise RequestError(f"n must be between 1 and {max_n} (serve.max_n), got {n}", "n")
@@ -243,4 +251,5 @@ def resolve(body: Any, models: dict[str, ServedModel], *, default_model: str, ma
                            "seed")
     size = render_size(model, req.height, req.width, n)
     job = SampleJob(n=n, seed=seed, kind=model.kind.name, condition=condition, params=params, size=size)
-    return Plan(model=model.name, job=job, keep=keep, rerank_text=rerank_text, format=req.format)
+    return Plan(model=model.name, job=job, keep=keep, rerank_text=rerank_text, format=req.format,
+                stream=bool(req.stream), partial_images=req.partial_images or 0)

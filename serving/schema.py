@@ -43,6 +43,10 @@ class GenerateCommon(BaseModel):
     height: int | None = Field(None, ge=1, le=MAX_RENDER_SIDE,
                                description="render at this height (models that can render at any size, e.g. inr); "
                                            "default: the model's own")
+    stream: bool | None = Field(None, description="true: answer with server-sent events: `preview` events "
+                                "(partial_images of them), then `result` (this route's JSON) or `error`")
+    partial_images: int | None = Field(None, ge=0, le=3, description="with stream: how many previews to send "
+                                       "while sampling (0..3; the sampling loop's estimate so far)")
     width: int | None = Field(None, ge=1, le=MAX_RENDER_SIDE,
                               description="render at this width (models that can render at any size); default: the "
                                           "model's own")
@@ -109,6 +113,23 @@ class ConditionInfo(BaseModel):
     schema_: dict[str, Any] | None = Field(alias="schema", description="JSON schema of the field's value")
 
 
+class ServingMemory(BaseModel):
+    """A model's serving memory, measured when the replica loaded it (`raygen.serving.memory`)."""
+    batch: int = Field(description="images in the measured sample: serve.max_batch_size")
+    weights_bytes: int = Field(description="parameters and buffers")
+    activation_bytes: int | None = Field(description="peak bytes of the tensors a sample at that batch holds")
+    resident_bytes: int | None = Field(description="what the process grew by, from before the weights to the "
+                                                   "sample's peak (resident memory; the allocator's on a GPU)")
+    ratio: float | None = Field(description="resident / (weights + activations)")
+    target_ratio: float
+    load_peak_bytes: int | None = Field(None, description="the loader's peak growth (two copies of the weights "
+                                                         "for a moment), not part of resident_bytes")
+    runtime_bytes: int | None = Field(None, description="torch's once-per-process set-up, measured before the "
+                                                        "weights and not counted in resident_bytes")
+    warmup_ms: float | None = None
+    note: str | None = None
+
+
 class ModelInfo(BaseModel):
     model_config = ConfigDict(populate_by_name=True)
 
@@ -128,6 +149,7 @@ class ModelInfo(BaseModel):
                                                                "registry (models:/NAME/VERSION or models:/NAME@ALIAS)")
     replicas: int
     multiplexed: bool = Field(False, description="loaded on demand in a shared deployment (serve.multiplexed)")
+    serving_memory: ServingMemory | None = Field(None, description="measured at load (null: multiplexed)")
 
 
 class ModelsResponse(BaseModel):

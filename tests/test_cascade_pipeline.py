@@ -12,7 +12,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]  # four Ray Train jobs: several minutes on 2 cores
 
 
 def debug_pipeline(tmp_path: Path) -> dict:

@@ -50,10 +50,10 @@ def history(result, key="loss"):
 @pytest.mark.parametrize("strategy", [
     {"strategy": "ddp"},
     {"strategy": "deepspeed", "zero_stage": 0},
-    {"strategy": "deepspeed", "zero_stage": 1},
+    pytest.param({"strategy": "deepspeed", "zero_stage": 1}, marks=pytest.mark.e2e),
     {"strategy": "deepspeed", "zero_stage": 2},
-    {"strategy": "deepspeed", "zero_stage": 3},
-], ids=lambda s: s["strategy"] + str(s.get("zero_stage", "")))
+    pytest.param({"strategy": "deepspeed", "zero_stage": 3}, marks=pytest.mark.e2e),
+], ids=["ddp", "deepspeed0", "deepspeed1", "deepspeed2", "deepspeed3"])
 def test_strategies_train_on_two_cpu_workers(ray_session, tmp_path, data_root, strategy):
     over = {"scale": {"workers": 2, **strategy}}
     if strategy.get("zero_stage") == 3:
@@ -72,6 +72,8 @@ def test_strategies_train_on_two_cpu_workers(ray_session, tmp_path, data_root, s
     assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
 
 
+# the same property without Ray, in the default tier: test_engine_loop.py::test_exact_resume_matches_uninterrupted_run
+@pytest.mark.e2e  # several minutes on 2 cores: `make test-e2e`
 def test_resumed_run_matches_uninterrupted_run(ray_session, tmp_path, data_root):
     spec = tiny_spec(tmp_path / "a", data_root)
     full = run_training(spec, progress=False)
@@ -108,6 +110,7 @@ def train_worker_pids() -> list[int]:
     return sorted(found)
 
 
+@pytest.mark.e2e  # several minutes on 2 cores: `make test-e2e`
 def test_killed_worker_recovers_from_last_checkpoint(ray_session, tmp_path, data_root):
     spec = tiny_spec(tmp_path, data_root,
                      train={"steps": 400, "eval_every": 1000, "checkpoint_every": 20, "val_batches": 1,
@@ -138,6 +141,7 @@ def test_killed_worker_recovers_from_last_checkpoint(ray_session, tmp_path, data
     assert all(s > resumed[0] for s in repeated)
 
 
+@pytest.mark.e2e  # several minutes on 2 cores: `make test-e2e`
 def test_fit_family_on_two_workers_sums_statistics_and_resumes(ray_session, tmp_path, data_root):
     """A family fitted without gradients runs through the same runner: both
     workers' statistics are summed every step (all-reduce), every rank applies

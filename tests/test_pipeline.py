@@ -83,6 +83,7 @@ def test_a_component_of_the_wrong_kind_is_refused():
 
 
 @pytest.mark.slow
+@pytest.mark.e2e  # several minutes on 2 cores: `make test-e2e`
 def test_pipeline_runs_skips_and_resumes(ray_session, tmp_path):
     from raygen.tracking.store import client
     from raygen.train.pipeline import run_pipeline

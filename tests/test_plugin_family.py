@@ -106,6 +106,7 @@ def test_plugin_model_learns_and_samples_per_image(tmp_path):
 
 # ------------------------------------------------------------------ installed, then used through raygen only
 @pytest.mark.slow
+@pytest.mark.e2e  # several minutes on 2 cores: `make test-e2e`
 @pytest.mark.timeout(900)  # five processes, two of which start Ray: several minutes when the 2 cores are shared
 def test_installed_plugin_is_listed_trained_sampled_and_served(installed, tmp_path):
     import httpx

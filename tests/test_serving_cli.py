@@ -42,9 +42,18 @@ def wait_healthy(proc: subprocess.Popen, url: str, log, timeout: float = 150.0) 
     pytest.fail(f"raygen serve did not become healthy in {timeout} s:\n{log.read_text()[-4000:]}")
 
 
+def stop_with_sigterm(proc: subprocess.Popen, url: str, log) -> None:
+    """SIGTERM to the server we started: it shuts down cleanly (exit 0) and the port stops answering."""
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=90) == 0, log.read_text()[-4000:]
+    assert "SIGTERM received, shutting down" in log.read_text()
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(url + "/healthz", timeout=2)
+
+
 # one model: its replica holds the front door (ModelServer); two: an ingress routes to generator replicas
 @pytest.mark.timeout(600)  # the replicas start on a loaded 2-core machine
-@pytest.mark.parametrize("models", [1, 2], ids=["one-model", "two-models"])
+@pytest.mark.parametrize("models", [1, pytest.param(2, marks=pytest.mark.e2e)], ids=["one-model", "two-models"])
 def test_cli_serves_and_stops_on_sigterm(tmp_path, models):
     model = toy.export_toy(tmp_path / "model", name="cli-toy", resolution=8, channels=1, num_classes=2,
                            class_names=["on", "off"], conditioning="label", run_id="cli-run")
@@ -99,11 +108,7 @@ def test_cli_serves_and_stops_on_sigterm(tmp_path, models):
         assert late.status_code == 504 and "request_timeout_s" in late.json()["error"]
         assert time.monotonic() - started < 4.0  # cut off before the 4 s generation could finish
 
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=90) == 0, log.read_text()[-4000:]
-        assert "SIGTERM received, shutting down" in log.read_text()
-        with pytest.raises(httpx.HTTPError):
-            httpx.get(url + "/healthz", timeout=2)
+        stop_with_sigterm(proc, url, log)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -192,3 +197,83 @@ applications:
     assert done.returncode != 0, output[-3000:]
     lines = [ln for ln in output.splitlines() if "raygen.serving: error:" in ln]
     assert lines and lines[0].split("raygen.serving: error: ", 1)[1].startswith(f"model not found: {tmp_path}")
+
+
+# ---------------------------------------------------------------- `raygen serve --config FILE`
+@pytest.mark.timeout(600)
+def test_cli_serves_from_the_example_config_and_stops_on_sigterm(tmp_path):
+    """serving/config.yaml, with its model path and port swapped for a test's: `raygen serve --config` comes up
+    with the file's deployment settings, answers (a plain and a streamed request), and stops on SIGTERM."""
+    import yaml
+
+    model = toy.export_toy(tmp_path / "model", name="cfg-toy", resolution=8, channels=1, run_id="cfg-run")
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "serving" / "config.yaml").read_text())
+    port = free_port()
+    config["http_options"]["port"] = port
+    app = config["applications"][0]
+    app["args"].update(models=[f"cfg={model}"], imports=[toy.FILE])
+    assert app["deployments"][0]["name"] == "model-quickstart"
+    app["deployments"][0]["name"] = "model-cfg"  # the file's settings, for this model's deployment
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    url = f"http://127.0.0.1:{port}"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "raygen.jobs.cli", "serve", "--config", str(path)],
+                                stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+    try:
+        wait_healthy(proc, url, log, timeout=300.0)
+        printed = log.read_text()
+        assert f"1 model(s) at {url}" in printed and "cfg: servetoy, 8x8x1, unconditional, run cfg-run" in printed
+        assert "max_n 16, batch 8, queue 64, timeout 120 s" in printed  # the file's serve settings
+        r = httpx.post(url + "/v1/generate", json={"n": 2, "seed": 1}, timeout=60)
+        assert r.status_code == 200 and (r.json()["run_id"], len(r.json()["images"])) == ("cfg-run", 2), r.text
+        streamed = httpx.post(url + "/v1/generate", json={"n": 2, "seed": 1, "stream": True}, timeout=60)
+        assert streamed.headers["content-type"].startswith("text/event-stream")
+        assert streamed.text.startswith("event: result\n") and r.json()["images"][0]["png_base64"] in streamed.text
+        stop_with_sigterm(proc, url, log)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+
+
+def test_cli_serves_in_process_without_ray_and_stops_on_sigterm(tmp_path):
+    """`--in-process`: the same API from one process, no Ray started (the low-overhead path)."""
+    model = toy.export_toy(tmp_path / "model", name="inproc", resolution=8, channels=1, num_classes=2,
+                           class_names=["on", "off"], conditioning="label", run_id="inproc-run")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = tmp_path / "serve.log"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "raygen.jobs.cli", "serve", "--in-process", "--model", str(model),
+                                 "--port", str(port), "--import", toy.FILE],
+                                stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+    try:
+        wait_healthy(proc, url, log, timeout=120.0)
+        assert "in process (no Ray)" in log.read_text()
+        r = httpx.post(url + "/v1/generate", json={"n": 2, "label": "off", "seed": 3}, timeout=60)
+        assert r.status_code == 200, r.text
+        assert (r.json()["run_id"], [i["seed"] for i in r.json()["images"]]) == ("inproc-run", [3, 4])
+        bad = httpx.post(url + "/v1/generate", json={"n": 2, "label": "nope"}, timeout=30)
+        assert bad.status_code in (400, 422) and bad.json()["field"] == "label"
+        # no Ray: nothing of this server shows up as a Ray process
+        import psutil
+        assert not [p for p in psutil.Process(proc.pid).children(recursive=True) if "ray" in " ".join(p.cmdline())]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, log.read_text()[-4000:]
+        assert "raygen serve: SIGTERM received, stopped" in log.read_text()
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(url + "/healthz", timeout=2)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+
+
+def test_in_process_refuses_an_address(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "raygen.jobs.cli", "serve", "--in-process", "--model", "x",
+                           "--address", "127.0.0.1:1"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert done.returncode != 0 and "--in-process runs without Ray: leave out --address" in done.stderr

@@ -3,7 +3,8 @@
 The app runs in this process without Ray (`raygen.serving.local`) on a free
 port of 127.0.0.1, with a token so the page's token field is exercised too:
 the page loads, asks for the token, builds its form from the selected model's
-parameter schema, submits with best_of, and images appear with their scores.
+parameter schema, submits with best_of, and images appear with their scores; a model
+whose sampling loop reports progress shows streamed previews before its final images.
 Skipped, saying why, where playwright or chromium is missing. With
 RAYGEN_UPDATE_SCREENSHOTS=1 it refreshes docs/img/playground.png.
 """
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 
 import test_serving_family as toy
+import test_serving_stream as stream
 
 pytestmark = pytest.mark.slow  # starts a server and a browser
 
@@ -47,8 +49,10 @@ def server(tmp_path_factory):
     toy.export_toy(root / "toy", name="shapes", resolution=16, channels=3, num_classes=4,
                    class_names=["circle", "square", "triangle", "star"], conditioning="label", run_id="run-shapes")
     toy.export_toy(root / "text", name="text", resolution=8, channels=3, conditioning="caption")
+    stream.export(stream.tiny_seqimg(), root / "seq", "seq")  # its sampling loop sends previews
     (root / "token").write_text(TOKEN)
-    app = build_local({"models": [str(root / "toy"), f"text={root / 'text'}"], "imports": [toy.FILE],
+    app = build_local({"models": [str(root / "toy"), f"text={root / 'text'}", f"seq={root / 'seq'}"],
+                       "imports": [toy.FILE],
                        "serve": {"max_n": 8}, "token_file": str(root / "token"),
                        "scorer": "brightness", "scorer_loader": "test_serving_family:load_brightness_scorer"})
     with LocalServer(app.api) as running:
@@ -82,6 +86,17 @@ def test_playground_generates_in_chromium(browser, server, tmp_path):
                            "i.naturalWidth === 16)")
     assert loaded
     assert "3 image(s) from shapes with seed 7" in page.inner_text("#status")
+    # a model whose sampling loop reports its rows: the page shows streamed previews before the final images
+    page.select_option("#model", "seq")
+    page.wait_for_selector("#cond-label option[value='1']", state="attached")
+    page.select_option("#cond-label", "1")
+    page.fill("#n", "2")
+    page.fill("#best_of", "")
+    page.click("#go")
+    page.wait_for_function("document.querySelector('#status').textContent.includes('from seq')", timeout=30000)
+    assert page.get_attribute("#previews", "data-count") == "2"  # partial_images=2, each drawn as it came
+    assert "step 5 of 8" in page.inner_text("#previews")
+    assert page.locator("#images figure").count() == 2 and page.locator("#images figure.preview").count() == 0
     # another model rebuilds the form: a caption model has a caption field and no label
     page.select_option("#model", "text")
     page.wait_for_selector("#cond-caption")

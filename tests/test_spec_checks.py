@@ -53,9 +53,12 @@ CASES = [
      "scale.deepspeed_config: file not found: nope.json"),
     ("ema-zero3", {"scale": {"zero_stage": 3}}, "train", "train.ema.enabled: EMA needs full weights"),
     # Tune needs its metric in every report: FID only where the FID hook runs at each eval/checkpoint step
-    ("fid-metric-only-at-the-end", {"tune": {"space": {"train.optimizer.lr": {"grid": [1e-3, 2e-3]}},
-                                             "metric": "fid"}, "track": {"fid": {"enabled": True}}}, "tune",
-     "tune.metric: fid is measured every track.fid.every steps (0, i.e. only after training)"),
+    # (track.fid.every 0 is fine for a sweep: it measures FID at each report itself, raygen.tune.objective)
+    ("fid-objective-off-cadence", {"tune": {"space": {"train.optimizer.lr": {"grid": [1e-3, 2e-3]}},
+                                            "objective": {"fid": 1.0, "val_loss": 0.1}},
+                                   "train": {"steps": 8, "eval_every": 4, "checkpoint_every": 8},
+                                   "track": {"fid": {"enabled": True, "every": 3}}}, "tune",
+     "tune.objective: fid is measured every track.fid.every steps (3)"),
     ("fid-metric-off-cadence", {"tune": {"space": {"train.optimizer.lr": {"grid": [1e-3, 2e-3]}}, "metric": "kid"},
                                 "train": {"steps": 8, "eval_every": 4, "checkpoint_every": 8},
                                 "track": {"fid": {"enabled": True, "every": 8}}}, "tune",

@@ -10,7 +10,7 @@ from raygen.spec import parse_spec
 from raygen.tracking.store import client
 from raygen.tune import run_tune
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]  # a real sweep: several minutes on 2 cores
 
 
 def test_tune_sweep_with_nested_mlflow_runs(ray_session, tmp_path):

@@ -16,6 +16,8 @@ from raygen.data.images import as_size
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+#: in a local copy of a dataset on object storage (prepare.mirror_dataset): the s3:// URI it came from
+SOURCE_NAME = ".raygen-source"
 #: columns every shard has; anything else is an extra column described in the manifest
 CORE_COLUMNS = ("index", "png", "label", "caption")
 #: the core columns of a latent dataset's shards (kind "latents", see raygen.data.latents)
@@ -128,6 +130,12 @@ class Manifest:
     @property
     def counts(self) -> dict[str, int]:
         return {k: s.rows for k, s in self.splits.items()}
+
+    @property
+    def remote(self) -> str | None:
+        """The s3:// URI this local copy mirrors (prepare.mirror_dataset), or None."""
+        marker = self.path / SOURCE_NAME if self.path is not None else None
+        return marker.read_text().strip() if marker is not None and marker.is_file() else None
 
     def shard_paths(self, split: str) -> list[Path]:
         if self.path is None:

@@ -47,9 +47,13 @@ def _read_units(batch: dict, params: DecodeParams) -> dict:
     """map_batches UDF: read and decode the read units named in `batch`."""
     import pyarrow as pa
     import pyarrow.parquet as pq
+
+    from raygen import storage
     tables = []
     for file, rg, lo, hi in zip(batch["file"], batch["row_group"], batch["lo"], batch["hi"]):
-        t = pq.ParquetFile(str(file)).read_row_group(int(rg), columns=params.read_columns)
+        # an s3:// shard is read straight from object storage, on whichever node the task runs
+        source = storage.open_input_file(str(file)) if storage.is_uri(str(file)) else str(file)
+        t = pq.ParquetFile(source).read_row_group(int(rg), columns=params.read_columns)
         tables.append(t.slice(int(lo), int(hi) - int(lo)))
     table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
     if isinstance(params, DecodeParams):
@@ -132,13 +136,15 @@ class ShardMeta:
 def make_recipe(manifest, split: str, params: DecodeParams) -> Recipe:
     import pyarrow.parquet as pq
     info = manifest.split(split)
+    remote = manifest.remote  # a local copy of an s3:// dataset: read tasks read the shards from there
     units = []
     for shard, path in zip(info.shards, manifest.shard_paths(split)):
         md = pq.ParquetFile(path).metadata
         start = shard.first_index
+        file = f"{remote.rstrip('/')}/{shard.file}" if remote else str(path)
         for k in range(md.num_row_groups):
             n = md.row_group(k).num_rows
-            units.append(ReadUnit(file=str(path), row_group=k, first_index=start, lo=0, hi=n))
+            units.append(ReadUnit(file=file, row_group=k, first_index=start, lo=0, hi=n))
             start += n
     return Recipe(split=split, rows=info.rows, units=units, params=params,
                   shards=[(s.first_index, s.file) for s in info.shards])

@@ -15,9 +15,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from raygen import storage
 from raygen.data.errors import DataError
 from raygen.data.images import as_size, decode_image, encode_png, fit_image, mode_for, size_text, spec_size, to_pil
-from raygen.data.manifest import MANIFEST_NAME, SCHEMA_VERSION, Manifest, read_manifest
+from raygen.data.manifest import MANIFEST_NAME, SCHEMA_VERSION, SOURCE_NAME, Manifest, read_manifest
 from raygen.data.registry import PrepareRequest, get_builder, is_builtin
 from raygen.data.shards import DEFAULT_SHARD_BYTES, TMP_PREFIX, Record, ShardWriter, clear_dataset_dir, write_manifest
 from raygen.locks import file_lock
@@ -111,7 +112,12 @@ def prepare_dataset(name_or_path: str, out: str | Path, *, resolution: int | lis
     (`raygen data list`) or a path/glob to import; `resolution` is one int
     (a square) or [height, width] (non-square: each image is centre-cropped
     to that aspect ratio, then resized); builder-specific `options` (e.g.
-    max_spheres=3) are checked by the builder."""
+    max_spheres=3) are checked by the builder. An `s3://` `out` is written
+    locally first, then uploaded (see `_prepare_to_uri`)."""
+    if storage.is_uri(str(out)):
+        return _prepare_to_uri(name_or_path, str(out), resolution=resolution, channels=channels, count=count,
+                               seed=seed, val_fraction=val_fraction, source=source, shard_bytes=shard_bytes,
+                               **options)
     if is_builtin(name_or_path):
         name = name_or_path
     else:
@@ -172,6 +178,68 @@ def prepare_dataset(name_or_path: str, out: str | Path, *, resolution: int | lis
     return read_manifest(out)
 
 
+def _prepare_to_uri(name_or_path: str, uri: str, **kwargs: Any) -> Manifest:
+    """Prepare into a temporary local folder, then upload: the old manifest
+    goes first and the new one last, so a reader never sees a manifest
+    whose shards are not all there."""
+    import tempfile
+    storage.check(uri)
+    manifest_uri = storage.join(uri, MANIFEST_NAME)
+    with tempfile.TemporaryDirectory(prefix="raygen-prepare-") as tmp:
+        manifest = prepare_dataset(name_or_path, Path(tmp) / "dataset", **kwargs)
+        if storage.exists(manifest_uri):
+            fs, path = storage.filesystem(manifest_uri)
+            fs.delete_file(path)
+        storage.upload_dir(Path(tmp) / "dataset", uri, last=(MANIFEST_NAME,))
+    manifest.path = None  # the local copy is gone; the dataset lives at `uri`
+    return manifest
+
+
+def mirror_dataset(uri: str, root: str | Path) -> Path:
+    """A local copy of the prepared dataset at `uri` (s3://), under
+    `root/s3-<hash of uri>`: the manifest and the shards it lists, checked
+    against their sha256. Shards already there with the right digest are
+    kept, so a second call only re-reads the manifest; the local manifest
+    is written last, like a prepare's."""
+    from raygen.data.manifest import sha256_file
+    from raygen.data.shards import atomic_write_bytes
+    try:
+        raw = storage.read_bytes(storage.join(uri, MANIFEST_NAME))
+    except FileNotFoundError:
+        raise DataError(f"data.dataset: {uri} has no {MANIFEST_NAME} (not a prepared dataset); "
+                        f"run `raygen data prepare NAME --out {uri}`") from None
+    try:
+        manifest = Manifest.from_dict(json.loads(raw))
+    except (ValueError, KeyError, TypeError) as err:
+        raise DataError(f"{storage.join(uri, MANIFEST_NAME)}: unreadable manifest ({type(err).__name__}: {err}); "
+                        "prepare the dataset again") from None
+    target = Path(root).expanduser() / f"s3-{_key(uri)}"
+    target.mkdir(parents=True, exist_ok=True)
+    with file_lock(Path(root).expanduser() / f".{target.name}.lock"):
+        local_manifest = target / MANIFEST_NAME
+        if local_manifest.is_file() and local_manifest.read_bytes() == raw:
+            return target
+        if local_manifest.exists():
+            local_manifest.unlink()  # the copy stops looking complete while it is refreshed
+        for info in manifest.splits.values():
+            for shard in info.shards:
+                local = target / shard.file
+                if local.is_file() and local.stat().st_size == shard.bytes and sha256_file(local) == shard.sha256:
+                    continue
+                try:
+                    data = storage.read_bytes(storage.join(uri, shard.file))
+                except FileNotFoundError:
+                    raise DataError(f"{storage.join(uri, shard.file)}: shard listed in {MANIFEST_NAME} is missing; "
+                                    "prepare the dataset again") from None
+                if hashlib.sha256(data).hexdigest() != shard.sha256:
+                    raise DataError(f"{storage.join(uri, shard.file)}: checksum does not match {MANIFEST_NAME}; "
+                                    "prepare the dataset again")
+                atomic_write_bytes(local, data)
+        (target / SOURCE_NAME).write_text(uri + "\n")  # where the shards live, for read tasks on other nodes
+        atomic_write_bytes(local_manifest, raw)
+    return target
+
+
 # ---------------------------------------------------------------- ensure_dataset
 def _key(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
@@ -203,6 +271,9 @@ def ensure_dataset(data_spec) -> Path:
     """
     ds = data_spec.dataset
     root = Path(data_spec.root).expanduser()
+    if storage.is_uri(ds):  # a dataset prepared to object storage: a checked local copy
+        storage.check(ds)
+        return mirror_dataset(ds, root)
     source = str(Path(data_spec.source).expanduser().resolve()) if data_spec.source else None
     if is_builtin(ds) and not Path(ds).exists():
         builder = get_builder(ds)

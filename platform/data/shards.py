@@ -51,7 +51,7 @@ def fsync_dir(path: Path) -> None:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see all of it or nothing."""
+    """Write `data` (bytes or any buffer) to `path` so that readers see all of it or nothing."""
     path = Path(path)
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
     try:
@@ -141,7 +141,7 @@ class ShardWriter:
         row_bytes = max(self._pending_bytes // n, self.decoded_row_bytes, 1)
         rg_rows = max(16, min(ROW_GROUP_ROWS, ROW_GROUP_BYTES // row_bytes))
         pq.write_table(table, sink, row_group_size=rg_rows, compression=compression)
-        data = sink.getvalue().to_pybytes()
+        data = sink.getvalue()  # a pyarrow Buffer: hashed and written without a copy
         name = f"{self.split}-{len(self.shards):05d}.parquet"
         atomic_write_bytes(self.out / name, data)
         self.shards.append(ShardInfo(file=name, rows=n, bytes=len(data),

@@ -10,11 +10,17 @@ merged into one batch.
 every random number an image uses comes from its own generator, so an image
 does not depend on which other images shared its batch. The helpers below
 draw per-image numbers and stack them.
+
+Sampling loops report each step to an optional listener (`preview`,
+`previewing`): a server streams previews from it and stops the work with
+`SamplingCancelled` when its client goes away.
 """
 from __future__ import annotations
 
 import json
-from typing import Any, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -112,3 +118,44 @@ def check_generators(n: int, generators: Sequence[torch.Generator]) -> None:
         raise ValueError(f"sample at least one image (got {n} conditions)")
     if len(generators) != n:
         raise ValueError(f"sample needs one torch.Generator per image: {n} conditions, {len(generators)} generators")
+
+
+# ---------------------------------------------------------------- previews while sampling
+# A sampling loop reports its progress with `preview(step, total, images)`; whoever runs `sample` (a
+# server streaming previews) listens with `previewing(callback)`. Models know nothing of the listener:
+# the callback lives in a contextvar, so a plain `sample` call pays one lookup per step.
+
+class SamplingCancelled(Exception):
+    """Raised by a preview callback to stop sampling (the client went away); the loop does not catch it."""
+
+
+#: callback(step, total, images): step 1..total done; images() -> float [N, C, H, W] in [0, 1], the
+#: estimate so far (None: nothing to show at this step, only progress). Computed only when called.
+PreviewCallback = Callable[[int, int, Optional[Callable[[], torch.Tensor]]], None]
+_PREVIEW: ContextVar[Optional[PreviewCallback]] = ContextVar("raygen_sampling_preview", default=None)
+
+
+@contextmanager
+def previewing(callback: Optional[PreviewCallback]) -> Iterator[None]:
+    """Calls `callback` at every step of the sampling loops run inside (this thread or task)."""
+    token = _PREVIEW.set(callback)
+    try:
+        yield
+    finally:
+        _PREVIEW.reset(token)
+
+
+def preview(step: int, total: int, images: Optional[Callable[[], torch.Tensor]] = None) -> None:
+    """Called by sampling loops after each step; may raise `SamplingCancelled`."""
+    callback = _PREVIEW.get()
+    if callback is not None:
+        callback(step, total, images)
+
+
+@contextmanager
+def progress_only() -> Iterator[None]:
+    """For a nested sampling call (an upscaler's base model): its steps still tick (and can be cancelled),
+    but its images, of another size, are not previews of the outer result."""
+    outer = _PREVIEW.get()
+    with previewing(None if outer is None else (lambda step, total, images: outer(step, total, None))):
+        yield

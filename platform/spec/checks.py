@@ -69,29 +69,29 @@ def _deepspeed_config(spec: JobSpec) -> None:
         build_deepspeed_config(spec, spec.scale.workers)
 
 
-#: tune metrics that the FID hook measures, on its own cadence (track.fid.every)
-FID_METRICS = ("fid", "kid", "fid_floor", "clip_score")
-
-
 def _metric_problem(spec: JobSpec) -> str | None:
-    """Tune needs its metric in every report a trial makes (each eval and checkpoint
+    """Tune needs its metrics in every report a trial makes (each eval and checkpoint
     step, and the last): FID and its kin are there only when the FID hook runs at
-    each of those steps."""
-    metric, fid, train = spec.tune.metric, spec.track.fid, spec.train
-    if metric not in FID_METRICS:
-        return None
-    if not fid.enabled:
-        return f"tune.metric: {metric} needs track.fid.enabled: true, or optimize val_loss"
-    if metric == "clip_score" and not spec.track.clip_score.scorer:
-        return "tune.metric: clip_score needs a scorer: set track.clip_score.scorer (hf:PATH or clip:PATH)"
-    steps = {"train.eval_every": train.eval_every, "train.checkpoint_every": train.checkpoint_every,
-             "train.steps": train.steps}
-    missed = [name for name, value in steps.items() if not fid.every or value % fid.every]
-    if missed:
-        cadence = fid.every or "0, i.e. only after training"
-        return (f"tune.metric: {metric} is measured every track.fid.every steps ({cadence}), but Tune needs it in "
-                f"every report, at each step of {', '.join(missed)}; set track.fid.every to a divisor of them "
-                f"(e.g. {math.gcd(*steps.values())}), or optimize val_loss")
+    each of those steps. With track.fid.every 0 the sweep sets that cadence itself
+    (raygen.tune.objective.with_objective_cadence)."""
+    from raygen.tune.objective import FID_METRICS, objective_metrics  # FID_METRICS: measured by the FID hook
+    fid, train = spec.track.fid, spec.train
+    for metric in objective_metrics(spec.tune):
+        if metric not in FID_METRICS:
+            continue
+        field = ("tune.metric" if not (spec.tune.objective or spec.tune.objectives)
+                 else "tune.objective" if spec.tune.objective else "tune.objectives")
+        if not fid.enabled:
+            return f"{field}: {metric} needs track.fid.enabled: true, or optimize val_loss"
+        if metric == "clip_score" and not spec.track.clip_score.scorer:
+            return f"{field}: clip_score needs a scorer: set track.clip_score.scorer (hf:PATH or clip:PATH)"
+        steps = {"train.eval_every": train.eval_every, "train.checkpoint_every": train.checkpoint_every,
+                 "train.steps": train.steps}
+        missed = [name for name, value in steps.items() if fid.every and value % fid.every]
+        if missed:
+            return (f"{field}: {metric} is measured every track.fid.every steps ({fid.every}), but Tune "
+                    f"needs it in every report, at each step of {', '.join(missed)}; set track.fid.every to a divisor "
+                    f"of them (e.g. {math.gcd(*steps.values())}), or 0 to let the sweep measure it at each report")
     return None
 
 
@@ -109,7 +109,7 @@ def _tune_problems(spec: JobSpec) -> list[str]:
     except SpecError as err:
         return err.problems
     base = spec_to_dict(spec)
-    sampled = {k: _probe_value(v) for k, v in spec.tune.space.items() if "grid" not in v}
+    sampled = {k: _probe_value(v) for k, v in spec.tune.space.items() if k not in points[0]}
     problems: list[str] = []
     # Every grid point the sweep will run (with a value of each sampled key):
     # a combination can be invalid where each value alone is fine (dim % heads).

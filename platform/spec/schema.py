@@ -185,7 +185,24 @@ class ScaleSpec(Section):
     use_gpu: bool = False
     cpus_per_worker: float | None = Field(None, gt=0, description="default: fits workers plus data tasks on the cluster")
     max_failures: int = Field(0, ge=-1, description="worker failures to recover from (-1: unlimited)")
+    placement: Literal["pack", "spread", "strict_spread", "strict_pack"] = Field(
+        "pack", description="how workers go onto nodes (Ray placement strategy): pack fills a node first, "
+                            "spread spreads them where it can, strict_spread puts each on its own node")
     address: str | None = Field(None, description="Ray cluster address; default RAY_ADDRESS or an embedded cluster")
+    storage: str | None = Field(None, description="s3://BUCKET/PATH every node can reach: Ray Train's storage path "
+                                "(checkpoints, resume) and a copy of the run folder; endpoint and keys from the "
+                                "AWS_* variables. Default: the local run folder")
+
+    @field_validator("storage")
+    @classmethod
+    def _storage_is_uri(cls, v: str | None) -> str | None:
+        if v is not None:
+            from raygen.storage import StorageError, split_uri
+            try:
+                split_uri(v)
+            except StorageError as err:
+                raise ValueError(str(err).split(": ", 1)[1]) from None
+        return v
 
     @model_validator(mode="after")
     def _offload_needs_zero(self) -> "ScaleSpec":
@@ -246,7 +263,21 @@ class TuneSchedulerSpec(Section):
     name: Literal["asha", "hyperband", "median", "pbt", "fifo"] = "asha"
     grace_period: int = Field(1, ge=1, description="reports before a trial may be stopped")
     reduction_factor: float = Field(2.0, gt=1)
-    perturbation_interval: int = Field(2, ge=1, description="PBT only")
+    perturbation_interval: int = Field(2, ge=1, description="PBT only: reports between exploit/explore decisions")
+    quantile_fraction: float = Field(0.25, gt=0, le=0.5, description="PBT only: the bottom fraction of trials that "
+                                     "clone (weights, optimizer, EMA, data position) one of the top fraction")
+
+
+class TuneObjectiveSpec(Section):
+    metric: str = Field(description="a reported metric: val_loss, fid, kid, clip_score, images_per_s, ...")
+    mode: Literal["min", "max"] = "min"
+
+
+class TuneResourcesSpec(Section):
+    cpus_per_trial: float | None = Field(None, gt=0, description="CPUs of one trial's workers together (default: "
+                                         "the cluster's CPUs, less one for data loading, shared by max_concurrent trials)")
+    gpus_per_trial: float = Field(0.0, ge=0, description="GPUs of one trial's workers together; a fraction shares "
+                                  "a GPU between trials (0.5: two trials per GPU)")
 
 
 _DIST = {"choice", "grid", "uniform", "loguniform", "randint", "quniform"}
@@ -262,6 +293,17 @@ class TuneSpec(Section):
     mode: Literal["min", "max"] = "min"
     scheduler: TuneSchedulerSpec = Field(default_factory=TuneSchedulerSpec)
     max_concurrent: int = Field(1, ge=1, description="trials at a time; each holds scale.workers workers (trials report at every train.eval_every)")
+    search: Literal["random", "grid", "optuna"] = Field(
+        "random", description="random: sample the distributions (grid axes crossed); grid: every combination of "
+        "grid/choice axes; optuna: Optuna TPE (model-based), choice axes only, no grid axes")
+    seed: int | None = Field(None, description="seed of the Optuna sampler (search: optuna)")
+    objective: dict[str, float] = Field(
+        default_factory=dict, description="a weighted sum to optimize instead of tune.metric, e.g. {fid: 1.0, "
+        "val_loss: 0.1}; reported as the metric 'objective' (tune.mode applies to it)")
+    objectives: list[TuneObjectiveSpec] = Field(
+        default_factory=list, description="two or more metrics optimized together (Optuna multi-objective, "
+        "search: optuna, scheduler: fifo), e.g. [{metric: fid, mode: min}, {metric: images_per_s, mode: max}]")
+    resources: TuneResourcesSpec = Field(default_factory=TuneResourcesSpec)
 
     @field_validator("space")
     @classmethod
@@ -280,6 +322,41 @@ class TuneSpec(Section):
                 if kind == "loguniform" and args[0] <= 0:
                     raise ValueError(f"space.{key}.loguniform needs a positive low bound")
         return space
+
+    @model_validator(mode="after")
+    def _check_search(self) -> "TuneSpec":
+        grid = sorted(k for k, v in self.space.items() if "grid" in v)
+        if self.search == "optuna" and grid:
+            raise ValueError(f"search: optuna samples every axis itself; space.{grid[0]} is a grid axis: "
+                             "write it as {choice: [...]} or use search: random")
+        if self.search == "grid":
+            sampled = sorted(k for k, v in self.space.items() if next(iter(v)) not in ("grid", "choice"))
+            if sampled:
+                raise ValueError(f"search: grid runs every combination of finite axes; space.{sampled[0]} is "
+                                 f"{next(iter(self.space[sampled[0]]))}: give it as {{grid: [...]}} or use search: random")
+        if self.search == "optuna" and self.scheduler.name == "pbt":
+            raise ValueError("scheduler.name: pbt mutates trials itself and does not go with search: optuna; "
+                             "use search: random with pbt, or another scheduler with optuna")
+        if self.objective and self.objectives:
+            raise ValueError("objective (a weighted sum) and objectives (several metrics) exclude each other; keep one")
+        if self.objective:
+            if "metric" in self.model_fields_set and self.metric != "objective":
+                raise ValueError(f"metric: {self.metric} is replaced by objective (reported as 'objective'); "
+                                 "remove tune.metric")
+            self.__dict__["metric"] = "objective"
+        if self.objectives:
+            if len(self.objectives) < 2:
+                raise ValueError("objectives: give two or more metrics (for one, set tune.metric and tune.mode)")
+            if self.search != "optuna":
+                raise ValueError("objectives: several metrics are optimized by Optuna's multi-objective mode: "
+                                 "set tune.search: optuna")
+            if self.scheduler.name != "fifo":
+                raise ValueError(f"objectives: scheduler {self.scheduler.name} stops trials on one metric; "
+                                 "set tune.scheduler.name: fifo")
+            names = [o.metric for o in self.objectives]
+            if len(set(names)) != len(names):
+                raise ValueError(f"objectives: a metric is listed twice ({names})")
+        return self
 
 
 # ---------------------------------------------------------------- serve

@@ -34,7 +34,8 @@ class FIDHook(Hook):
         extractor = dataset_extractor(self.spec, self.data_dir)
         cache_dir = Path(self.spec.data.root) / "fid-cache"  # where the final FID keeps its statistics too
         ref = load_split_images(self.data_dir, "val", self.spec.data, limit=self.spec.track.fid.samples)
-        self.evaluator = FIDEvaluator(extractor, ref["image"], cache_dir=cache_dir)
+        # bootstrap: its standard error is logged beside every FID (raygen.metrics.fid.fid_standard_error)
+        self.evaluator = FIDEvaluator(extractor, ref["image"], cache_dir=cache_dir, bootstrap=20)
         self.ref = ref  # samples are conditioned on these records: label for label, scene for scene
         from raygen.train.clip_score import load_run_scorer
         self.scorer = load_run_scorer(self.spec)  # CLIP score of the same samples, when a scorer is named
@@ -60,7 +61,8 @@ class FIDHook(Hook):
         fake = generate(model, self.ref, seed=self.spec.train.seed + 1)
         result = self.evaluator(fake)
         took = time.perf_counter() - t0
-        values = {"fid": result["fid"], "kid": result["kid"], "fid_floor": self.floor, "fid_time_s": took,
+        values = {"fid": result["fid"], "fid_stderr": result["fid_stderr"], "kid": result["kid"],
+                  "fid_floor": self.floor, "fid_time_s": took,
                   "fid_samples": float(result["n_generated"]), "fid_reference": float(result["n_reference"]),
                   **scene_fidelity(model, self.ref, fake)}  # scene models: PSNR/SSIM against the true renders
         clip = ""
@@ -73,5 +75,5 @@ class FIDHook(Hook):
         metrics.update(values)
         if self.sink is not None:
             self.sink.log_metrics(values, step)
-        say(f"step {step}: FID {result['fid']:.2f} (floor {self.floor:.2f}, KID {result['kid']:.4f}, "
+        say(f"step {step}: FID {result['fid']:.2f} ± {result['fid_stderr']:.2f} (floor {self.floor:.2f}, KID {result['kid']:.4f}, "
             f"{result['n_generated']} samples, {result['extractor']}, {took:.1f}s){clip}")

@@ -27,6 +27,7 @@ class RunResult:
     metrics: dict[str, float] = field(default_factory=dict)
     grid: Path | None = None
     seconds: float = 0.0
+    placement: str = ""  # the node each rank last ran on (raygen.train.cluster.describe_placement)
 
 
 def pick_run_dir(spec: JobSpec, resume: bool) -> Path:
@@ -82,8 +83,12 @@ def run_training(spec: JobSpec, *, resume: bool = False, tracking_uri: str | Non
                  address: str | None = None, stop_after: int | None = None, progress: bool = True,
                  parent_run_id: str | None = None, extra_callbacks: list | None = None,
                  run_dir: Path | None = None, final_eval: bool = True,
-                 overrides: list[str] | None = None, verbose: bool = False) -> RunResult:
-    """`overrides` (the `--set` items) are kept in run.json, so a resume can reapply them."""
+                 overrides: list[str] | None = None, verbose: bool = False,
+                 resume_from: Path | None = None, gpus_per_worker: float | None = None) -> RunResult:
+    """`overrides` (the `--set` items) are kept in run.json, so a resume can reapply them.
+    `resume_from`: a checkpoint folder to start from (another run's: a Tune PBT exploit),
+    used when the run folder holds none of its own. `gpus_per_worker`: a GPU share per
+    worker (Tune trials sharing a GPU); needs scale.use_gpu."""
     started = time.perf_counter()
     check_compatibility(spec)  # the same checks (and words) as `raygen spec validate`, before anything starts
     spec = with_absolute_paths(spec)  # Ray workers do not run in the driver's folder
@@ -96,7 +101,7 @@ def run_training(spec: JobSpec, *, resume: bool = False, tracking_uri: str | Non
             return _run_in(run_dir, spec, started, resume=resume, tracking_uri=tracking_uri, address=address,
                            stop_after=stop_after, progress=progress, parent_run_id=parent_run_id,
                            extra_callbacks=extra_callbacks, final_eval=final_eval, overrides=overrides,
-                           verbose=verbose)
+                           verbose=verbose, resume_from=resume_from, gpus_per_worker=gpus_per_worker)
     except BaseException:
         # A run that failed before it started (unreachable cluster, bad data:
         # no MLflow run, no run.json yet) leaves no folder behind, so the next
@@ -109,7 +114,8 @@ def run_training(spec: JobSpec, *, resume: bool = False, tracking_uri: str | Non
 def _run_in(run_dir: Path, spec: JobSpec, started: float, *, resume: bool, tracking_uri: str | None,
             address: str | None, stop_after: int | None, progress: bool, parent_run_id: str | None,
             extra_callbacks: list | None, final_eval: bool, overrides: list[str] | None,
-            verbose: bool = False) -> RunResult:
+            verbose: bool = False, resume_from: Path | None = None,
+            gpus_per_worker: float | None = None) -> RunResult:
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -117,10 +123,13 @@ def _run_in(run_dir: Path, spec: JobSpec, started: float, *, resume: bool, track
     from raygen.data import build_datasets, ensure_dataset, make_data_config, read_manifest
     from raygen.models.registry import build_model
     from raygen.tracking.store import default_tracking_uri, open_run
-    from raygen.train.cluster import cpus_per_worker, ensure_ray
+    from raygen.train.cluster import cpus_per_worker, describe_placement, ensure_ray, placement_strategy, worker_nodes
     from raygen.train.components import load_components, resolve_components
     from raygen.train.worker import WorkerConfig, describe_strategy, train_worker
 
+    if spec.scale.storage:
+        from raygen import storage
+        storage.check(spec.scale.storage)  # one line now, not a worker traceback later
     data_dir = ensure_dataset(spec.data)
     manifest = read_manifest(data_dir)
     info = manifest.data_info(spec.data)
@@ -143,7 +152,7 @@ def _run_in(run_dir: Path, spec: JobSpec, started: float, *, resume: bool, track
         resources = ensure_ray(address or spec.scale.address, quiet=not verbose)
     quiet_data_progress()
     cpus = cpus_per_worker(spec.scale.cpus_per_worker, spec.scale.workers, resources.get("CPU", 1))
-    if spec.scale.use_gpu and resources.get("GPU", 0) < spec.scale.workers:
+    if spec.scale.use_gpu and resources.get("GPU", 0) < spec.scale.workers * (gpus_per_worker or 1):
         raise SpecError([f"scale.use_gpu: the cluster has {resources.get('GPU', 0):g} GPUs for {spec.scale.workers} workers; "
                          "lower scale.workers or set scale.use_gpu=false"])
 
@@ -151,8 +160,8 @@ def _run_in(run_dir: Path, spec: JobSpec, started: float, *, resume: bool, track
     previous = json.loads(state_file.read_text()) if state_file.is_file() else {}
     if overrides is None:  # a resume keeps the overrides the run was started with
         overrides = previous.get("overrides", []) if resume else []
-    resume_from = find_latest_checkpoint(run_dir) if resume else None
-    if resume and resume_from is None and progress:
+    resume_from = (find_latest_checkpoint(run_dir) if resume else None) or resume_from
+    if resume and resume_from is None and progress and not spec.scale.storage:  # else the workers look in storage
         print(f"[raygen] {run_dir} has no completed checkpoint yet: starting it from step 0", flush=True)
     tracked = open_run(tracking_uri, spec.track.experiment, run_dir.name, spec=spec,
                        run_id=previous.get("mlflow_run_id") if resume else None, parent_run_id=parent_run_id,
@@ -162,9 +171,14 @@ def _run_in(run_dir: Path, spec: JobSpec, started: float, *, resume: bool, track
     log_dataset_inputs(tracked, data_dir, manifest)  # train and val splits: folder, manifest digest, counts, recipe
     if sources:
         tracked.set_tags({f"raygen.component.{k}": v for k, v in sources.items()})
+    # Ray Train resumes a name under the same storage path from its latest checkpoint: a resume with
+    # scale.storage reuses it (without, the run folder is where checkpoints are found: a fresh name)
+    ray_name = previous.get("ray_run_name") if resume and spec.scale.storage else None
+    ray_name = ray_name or f"{run_dir.name}-{int(time.time())}"
     state_file.write_text(json.dumps({"mlflow_run_id": tracked.run_id, "tracking_uri": tracking_uri,
                                       "data_dir": str(data_dir), "name": spec.name,
-                                      "overrides": list(overrides)}, indent=2))
+                                      "overrides": list(overrides), "ray_run_name": ray_name,
+                                      "storage": spec.scale.storage}, indent=2))
     if progress:
         print(f"[raygen] run {run_dir.name}: {spec.model.family} ({n_params/1e6:.2f}M params), "
               f"{spec.scale.workers} worker(s) × {cpus:g} CPU, {describe_strategy(spec)}, "
@@ -179,8 +193,9 @@ def _run_in(run_dir: Path, spec: JobSpec, started: float, *, resume: bool, track
             threads_per_worker=max(1, int(cpus)), family_sources=tuple(family_sources(spec, components)),
         ).to_dict(),
         scaling_config=ScalingConfig(num_workers=spec.scale.workers, use_gpu=spec.scale.use_gpu,
-                                     resources_per_worker={"CPU": cpus}),
-        run_config=RunConfig(name=f"{run_dir.name}-{int(time.time())}", storage_path=str(run_dir / "ray"),
+                                     resources_per_worker={"CPU": cpus, **({"GPU": gpus_per_worker} if gpus_per_worker else {})},
+                                     placement_strategy=placement_strategy(spec.scale.placement)),
+        run_config=RunConfig(name=ray_name, **train_storage(spec, run_dir),
                              failure_config=FailureConfig(max_failures=spec.scale.max_failures),
                              callbacks=extra_callbacks or []),
         datasets=build_datasets(data_dir, spec.data),
@@ -199,7 +214,9 @@ def _run_in(run_dir: Path, spec: JobSpec, started: float, *, resume: bool, track
 
     checkpoint = find_latest_checkpoint(run_dir)
     out = RunResult(run_dir=run_dir, run_id=tracked.run_id, tracking_uri=tracking_uri, checkpoint=checkpoint,
-                    model_uri=None, metrics=metrics)
+                    model_uri=None, metrics=metrics, placement=describe_placement(worker_nodes(run_dir)))
+    if out.placement:
+        tracked.set_tags({"raygen.worker_nodes": out.placement})
     finished = checkpoint is not None and json.loads((checkpoint / "state.json").read_text())["train_state"]["step"] >= spec.train.steps
     if checkpoint is not None and finished and final_eval:
         from raygen.train.wrapup import finish_run
@@ -207,7 +224,30 @@ def _run_in(run_dir: Path, spec: JobSpec, started: float, *, resume: bool, track
     tracked.finish()
     out.seconds = time.perf_counter() - started
     tracked.log_metrics({"wall_time_s": out.seconds})
+    if spec.scale.storage:
+        from raygen import storage
+        # the run folder's outputs (run.json, grids, summary, logs) beside the checkpoints; run.json last
+        storage.upload_dir(run_dir, run_folder_uri(spec, run_dir), last=("run.json",), skip=("checkpoints", "ray"))
     return out
+
+
+def run_folder_uri(spec: JobSpec, run_dir: Path) -> str:
+    """Where a run's folder is copied when `scale.storage` is set."""
+    from raygen import storage
+    return storage.join(spec.scale.storage, "runs", run_dir.name)
+
+
+def train_storage(spec: JobSpec, run_dir: Path) -> dict[str, Any]:
+    """RunConfig's storage arguments and checkpoint policy: the run folder,
+    or `scale.storage` (s3://) through a pyarrow filesystem built from the
+    AWS variables, where Ray Train uploads every reported checkpoint."""
+    from ray.train import CheckpointConfig
+    if not spec.scale.storage:
+        return {"storage_path": str(run_dir / "ray")}
+    from raygen import storage
+    fs, path = storage.filesystem(storage.join(spec.scale.storage, "ray"))
+    return {"storage_path": path, "storage_filesystem": fs,
+            "checkpoint_config": CheckpointConfig(num_to_keep=spec.train.keep_checkpoints)}
 
 
 def family_sources(spec: JobSpec, components: dict) -> list[str]:

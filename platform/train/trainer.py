@@ -60,8 +60,14 @@ class EvalWeightsProvider(Protocol):
 
 
 #: per-step metrics a report carries to the driver and to Tune (beside the eval metrics)
-REPORTED = ("loss", "lr", "fid", "kid", "fid_floor", "fid_samples", "fid_reference", "clip_score", "scene_psnr",
-            "scene_ssim")
+REPORTED = ("loss", "lr", "fid", "fid_stderr", "kid", "fid_floor", "fid_samples", "fid_reference", "clip_score",
+            "scene_psnr", "scene_ssim", "images_per_s")
+
+
+def weights_norm(state: dict[str, torch.Tensor]) -> float:
+    """L2 norm of all floating-point weights, in float64: a cheap fingerprint of a state dict."""
+    total = sum(float(v.detach().double().pow(2).sum()) for v in state.values() if v.is_floating_point())
+    return math.sqrt(total)
 
 
 class Trainer:
@@ -168,6 +174,9 @@ class Trainer:
         self._fire("on_train_start")
         if resume_from is not None:
             self._restore_hooks(resume_from)
+            # the first report says where this process started (a Tune PBT exploit is checked against it)
+            self._resumed = {"resumed_step": float(self.state.step),
+                             "resumed_weights_norm": weights_norm(self.strategy.full_state_dict())}
         spec = self.spec.train
         stream = self._stream()
         one_step = self._gradient_step if self.strategy.uses_gradients else self._fit_step
@@ -275,7 +284,8 @@ class Trainer:
         # the memory peaks reach the driver's final summary through the last report
         peaks = {k: v for k, v in metrics.items() if k.startswith(("mem_peak_rss_mb_rank", "gpu_mem_max_mb_rank"))}
         # and what hooks measured at this step (FID on its cadence), so a sweep can optimize it
-        return {"step": float(self.state.step), **{k: metrics[k] for k in REPORTED if k in metrics}, **peaks}
+        resumed, self._resumed = getattr(self, "_resumed", {}), {}
+        return {"step": float(self.state.step), **{k: metrics[k] for k in REPORTED if k in metrics}, **peaks, **resumed}
 
     # ------------------------------------------------------------ eval
     def eval_weights(self) -> dict[str, torch.Tensor]:

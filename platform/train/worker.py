@@ -119,10 +119,47 @@ def _resume_folder(config: WorkerConfig, run_dir: Path) -> Path | None:
     restarted the workers) or a resume: continue from the newest one. Ray's
     own record of reported checkpoints can lag behind a checkpoint that was
     committed just before the failure, so the folder is the source of truth."""
+    if config.spec.scale.storage:
+        _fetch_storage_checkpoint(run_dir)  # a restart on another node, or a run folder that lost its checkpoints
     latest = find_latest_checkpoint(run_dir)
     if latest is not None:
         return latest
     return config.resume_from
+
+
+def _fetch_storage_checkpoint(run_dir: Path) -> Path | None:
+    """Download the latest checkpoint Ray Train holds in `scale.storage`
+    (its `get_checkpoint()`: the newest one reported by this Ray run, kept
+    across worker restarts and driver resumes) into the run folder as
+    `step-N`, unless that step is already there. Each rank downloads into
+    its own temp folder and renames it into place (the marker is inside)."""
+    import os
+    import shutil
+
+    import ray.train
+
+    from raygen.train.checkpoint import MARKER, checkpoint_name, is_complete
+    remote = ray.train.get_checkpoint()
+    if remote is None:
+        return None
+    try:  # the marker alone first: a step already in the run folder is not downloaded again
+        with remote.filesystem.open_input_stream(f"{remote.path}/{MARKER}") as f:
+            step = int(json.loads(f.read())["step"])
+    except FileNotFoundError:  # a checkpoint without our marker (not written by raygen): nothing to fetch
+        return None
+    root = run_dir / "checkpoints"
+    final = root / checkpoint_name(step)
+    if is_complete(final):
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".download-{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    remote.to_directory(str(tmp))
+    try:
+        os.replace(tmp, final)
+    except OSError:  # another rank put it there first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
 
 
 PLACEMENT_GROUP_FILE = ".ray_placement_group"
@@ -142,6 +179,7 @@ def train_worker(raw_config: dict[str, Any]) -> None:
     import ray.train
 
     from raygen.models.registry import import_family_sources
+    from raygen.train.cluster import record_worker_node
     from raygen.train.console import worker_console
 
     ctx = ray.train.get_context()
@@ -150,6 +188,7 @@ def train_worker(raw_config: dict[str, Any]) -> None:
     # stdout/stderr (library chatter) into run.log; rank 0's progress and messages to the driver's console
     with worker_console(run_dir, rank, progress=bool(raw_config.get("progress", True))):
         import_family_sources(raw_config.get("family_sources") or [])  # families registered outside entry points
+        record_worker_node(run_dir, rank, ctx.get_world_size())  # which node this rank runs on (workers.jsonl)
         _train(WorkerConfig.from_dict(raw_config), ctx)
 
 
@@ -175,7 +214,10 @@ def _train(config: WorkerConfig, ctx) -> None:
         sink = MlflowSink(config.tracking_uri, config.mlflow_run_id)
 
     def report(metrics: dict[str, float], folder: Path | None) -> None:
-        if folder is not None and rank == 0:
+        if folder is not None and rank == 0 and spec.scale.storage:
+            # Ray Train uploads the folder to scale.storage; a restart on any node downloads it from there
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(folder)))
+        elif folder is not None and rank == 0:
             with tempfile.TemporaryDirectory() as tmp:
                 (Path(tmp) / POINTER).write_text(json.dumps({"path": str(folder)}))
                 ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))

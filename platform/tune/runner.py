@@ -1,5 +1,7 @@
-"""Driver of `raygen tune`: each trial is a real training run (TorchTrainer
-inside a function trainable, which is how Train V2 nests under Tune)."""
+"""Driver of `raygen tune`: each trial is a real training run (raygen.tune.trial),
+searched by Tune's variant generator or Optuna, scheduled by ASHA, HyperBand,
+median stopping or PBT; results as a table, plots, an MLflow parent run and
+the best trial registered (and promoted to champion only if it is better)."""
 from __future__ import annotations
 
 import json
@@ -8,10 +10,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from raygen.spec.errors import SpecError
-from raygen.spec.loader import apply_overrides, parse_spec, spec_to_dict
+from raygen.spec.loader import spec_to_dict
 from raygen.spec.schema import JobSpec
-from raygen.tune.space import build_param_space, overrides_from_config
+from raygen.tune import results as res
+from raygen.tune.objective import (best_index, objective_metrics, shown_metrics, tune_metric_and_mode,
+                                   with_objective_cadence)
+from raygen.tune.resources import TRIAL_CPU, plan_trial_resources
+from raygen.tune.schedulers import build_scheduler, pbt_ready
+from raygen.tune.search import build_search, tune_config_metric
+from raygen.tune.space import overrides_from_config
+
+SWEEP_STATE = "sweep.json"
 
 
 @dataclass
@@ -23,116 +35,151 @@ class TuneResult:
     tracking_uri: str = ""
     sweep_dir: Path | None = None
     model_uri: str | None = None
+    table: str = ""
+    promotion: str = ""
 
 
-def _scheduler(spec: JobSpec):
-    from ray.tune.schedulers import (ASHAScheduler, FIFOScheduler, HyperBandScheduler, MedianStoppingRule,
-                                     PopulationBasedTraining)
-    s, t = spec.tune.scheduler, spec.tune
-    # reports per trial: one per eval, plus the final one with FID. A trial
-    # reaching max_t is stopped, so it must not cut the run's wrap-up short.
-    max_t = -(-spec.train.steps // spec.train.eval_every) + 1
-    builders = {
-        "asha": lambda: ASHAScheduler(time_attr="training_iteration", max_t=max_t, grace_period=min(s.grace_period, max_t),
-                                      reduction_factor=s.reduction_factor),
-        "hyperband": lambda: HyperBandScheduler(time_attr="training_iteration", max_t=max_t,
-                                                reduction_factor=s.reduction_factor),
-        "median": lambda: MedianStoppingRule(time_attr="training_iteration", grace_period=s.grace_period),
-        "pbt": lambda: PopulationBasedTraining(
-            time_attr="training_iteration", perturbation_interval=s.perturbation_interval,
-            hyperparam_mutations={k: build_param_space(spec.tune)[k] for k, v in spec.tune.space.items() if "grid" not in v}),
-        "fifo": FIFOScheduler,
-    }
-    return builders[s.name]()
+def _trial_rows(grid) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """One row per trial (overrides, numeric metrics, error), and each trial's reports as a DataFrame."""
+    rows, frames = [], {}
+    for r in grid:
+        metrics = r.metrics or {}
+        trial_id = str(metrics.get("trial_id") or Path(r.path).name)
+        rows.append({"trial_id": trial_id, "overrides": overrides_from_config(r.config or {}),
+                     "metrics": {k: v for k, v in metrics.items()
+                                 if (isinstance(v, (int, float)) and not isinstance(v, bool))
+                                 or k in ("mlflow_run_id", "trial_run")},
+                     "error": str(r.error).splitlines()[0] if r.error else None})
+        if r.metrics_dataframe is not None:
+            frames[trial_id] = r.metrics_dataframe
+    return rows, frames
 
 
-def _trial_fn(base_raw: dict, parent_run_id: str, tracking_uri: str, sweep_dir: str, cpus_per_worker: float):
-    def trial(config: dict[str, Any]) -> None:
-        from ray import tune as ray_tune
-        from ray.tune.integration.ray_train import TuneReportCallback
+def _histories(frames: dict[str, Any], metric: str) -> dict[str, list[tuple[float, float]]]:
+    out = {}
+    for trial_id, df in frames.items():
+        if metric in df.columns and "step" in df.columns:
+            pts = df[["step", metric]].dropna()
+            out[trial_id] = [(float(s), float(v)) for s, v in zip(pts["step"], pts[metric])]
+    return out
 
-        from raygen.train.runner import run_training
 
-        overrides = overrides_from_config(config)
-        trial_id = ray_tune.get_context().get_trial_id()
-        raw = apply_overrides(base_raw, overrides)
-        raw["name"] = f"{base_raw.get('name', 'raygen-run')}-{trial_id}"
-        raw.setdefault("scale", {})["cpus_per_worker"] = cpus_per_worker
-        raw.setdefault("track", {})["register_model"] = False  # the sweep registers its best trial only
-        spec = parse_spec(raw)
-        result = run_training(spec, tracking_uri=tracking_uri, progress=False, parent_run_id=parent_run_id,
-                              extra_callbacks=[TuneReportCallback()], run_dir=Path(sweep_dir) / "trials" / trial_id)
-        # one last report carrying what only the finished run knows (FID, the registered model)
-        final = dict(result.metrics)
-        final.update({"mlflow_run_id": result.run_id, "model_uri": result.model_uri or ""})
-        ray_tune.report(final)
-    return trial
+def _log_results(parent, sweep_dir: Path, rows, frames, spec: JobSpec, best: int | None) -> str:
+    """The table (CSV, markdown) and plots into the sweep folder and the MLflow parent run; the console table back."""
+    objectives = shown_metrics(spec.tune)
+    header, body = res.table_rows(rows, objectives, best)
+    out = sweep_dir / "results"
+    out.mkdir(exist_ok=True)
+    (out / "trials.csv").write_text(res.to_csv(header, body))
+    (out / "trials.md").write_text(res.to_markdown(header, body))
+    keys, _ = res.table_columns(rows, objectives)
+    res.parallel_coordinates(rows, keys, objectives[0], out / "parallel_coordinates.png")
+    for metric in dict.fromkeys([*objectives, "val_loss", "loss"]):
+        hist = _histories(frames, metric)
+        if any(hist.values()):
+            res.metric_curves(hist, metric, out / f"curves_{metric}.png")
+    for f in sorted(out.iterdir()):
+        parent.log_artifact(f, "tune")
+    return res.to_console(header, body)
+
+
+def _register_best(spec: JobSpec, tracking_uri: str, best_run: str) -> tuple[str, str]:
+    """Register the best trial's model; move `champion` to it only if it beats the
+    current champion on the objective (the rule of `raygen promote --if-better`)."""
+    from raygen.jobs.cmd_promote import promote
+    from raygen.tracking.models import register
+
+    model_uri = register(tracking_uri, best_run, spec.name)
+    version = int(model_uri.rsplit("/", 1)[1])
+    metric, mode = tune_metric_and_mode(spec.tune)
+    metric, mode = (metric[0], mode[0]) if isinstance(metric, list) else (metric, mode)
+    decision = promote(tracking_uri, spec.name, version, alias="champion", if_better=metric, mode=mode)
+    return model_uri, f"{'champion' if decision.promoted else 'not champion'}: {decision.reason}"
 
 
 def run_tune(spec: JobSpec, *, tracking_uri: str | None = None, address: str | None = None,
-             progress: bool = True, verbose: bool = False) -> TuneResult:
+             progress: bool = True, verbose: bool = False, resume: bool = False) -> TuneResult:
+    import ray
     from ray import tune
 
     from raygen.data import ensure_dataset
+    from raygen.spec.checks import check_runnable
     from raygen.tracking.store import default_tracking_uri, open_run
     from raygen.train.cluster import ensure_ray
-    from raygen.spec.checks import check_runnable
     from raygen.train.runner import pick_run_dir
+    from raygen.tune.trial import make_trial
 
+    spec = with_objective_cadence(pbt_ready(spec))  # FID at each report when it is the objective; PBT checkpoints
     check_runnable(spec, tune=True)  # the same checks as `raygen spec validate`, every trial included
-    param_space = build_param_space(spec.tune)
+    param_space, search_alg = build_search(spec.tune)
+    scheduler = build_scheduler(spec)
+    sweep_dir = pick_run_dir(spec.model_copy(update={"name": f"{spec.name}-tune"}), resume=resume).resolve()
+    previous = json.loads((sweep_dir / SWEEP_STATE).read_text()) if resume and (sweep_dir / SWEEP_STATE).is_file() else {}
+    if resume and not previous:
+        raise SpecError([f"--resume: {sweep_dir} holds no {SWEEP_STATE}: it is not a sweep that was started"])
     ensure_dataset(spec.data)  # prepare once, before trials race to do it
-    resources = ensure_ray(address or spec.scale.address, quiet=not verbose)  # trials' output: their run.log
-    concurrent = spec.tune.max_concurrent
-    trial_cpu = 0.1
-    spare = resources.get("CPU", 1) - 1.0 - trial_cpu * concurrent  # one CPU stays free for Ray Data
-    cpus = spec.scale.cpus_per_worker or round(max(0.1, spare / (spec.scale.workers * concurrent)), 3)
-    if cpus * spec.scale.workers * concurrent + trial_cpu * concurrent > resources.get("CPU", 1):
-        raise SpecError([f"tune.max_concurrent: {concurrent} trials × {spec.scale.workers} workers do not fit on "
-                         f"{resources.get('CPU', 1):g} CPUs; lower tune.max_concurrent or scale.workers"])
+    cluster = ensure_ray(address or spec.scale.address, quiet=not verbose)  # trials' output: their run.log
+    plan = plan_trial_resources(spec, cluster, [n["Resources"] for n in ray.nodes() if n.get("Alive")])
 
-    sweep_dir = pick_run_dir(spec.model_copy(update={"name": f"{spec.name}-tune"}), resume=False).resolve()
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    tracking_uri = tracking_uri or spec.track.tracking_uri or default_tracking_uri(spec.run_dir)
-    parent = open_run(tracking_uri, spec.track.experiment, sweep_dir.name, spec=spec, tags={"raygen.kind": "tune-sweep"})
+    tracking_uri = previous.get("tracking_uri") or tracking_uri or spec.track.tracking_uri or default_tracking_uri(spec.run_dir)
+    parent = open_run(tracking_uri, spec.track.experiment, sweep_dir.name, spec=None if resume else spec,
+                      run_id=previous.get("parent_run_id"), tags={"raygen.kind": "tune-sweep"})
+    ray_name = previous.get("ray_name") or f"{sweep_dir.name}-{int(time.time())}"
+    experiment = sweep_dir / "ray" / ray_name
+    (sweep_dir / res.BASE_SPEC).write_text(yaml.safe_dump(spec_to_dict(spec), sort_keys=False))
+    (sweep_dir / SWEEP_STATE).write_text(json.dumps({"parent_run_id": parent.run_id, "tracking_uri": tracking_uri,
+                                                     "ray_name": ray_name}, indent=2))
     if progress:
-        print(f"[raygen] tune sweep {sweep_dir.name}: {spec.tune.num_samples} sample(s) per grid point, "
-              f"scheduler {spec.tune.scheduler.name}, {concurrent} at a time; MLflow parent run {parent.run_id}", flush=True)
+        what = "resuming" if resume else "starting"
+        print(f"[raygen] {what} tune sweep {sweep_dir.name}: search {spec.tune.search}, scheduler "
+              f"{spec.tune.scheduler.name}, {spec.tune.num_samples} sample(s), {plan.concurrent} at a time, "
+              f"each trial {plan.describe()}; MLflow parent run {parent.run_id}", flush=True)
 
     trainable = tune.with_resources(
-        _trial_fn(spec_to_dict(spec), parent.run_id, tracking_uri, str(sweep_dir), cpus), {"CPU": trial_cpu})
-    tuner = tune.Tuner(
-        trainable, param_space=param_space,
-        tune_config=tune.TuneConfig(metric=spec.tune.metric, mode=spec.tune.mode, num_samples=spec.tune.num_samples,
-                                    scheduler=_scheduler(spec), max_concurrent_trials=concurrent),
-        run_config=tune.RunConfig(name=f"{sweep_dir.name}-{int(time.time())}", storage_path=str(sweep_dir / "ray"),
-                                  verbose=1 if progress else 0),
-    )
+        make_trial(spec_to_dict(spec), parent_run_id=parent.run_id, tracking_uri=tracking_uri,
+                   sweep_dir=str(sweep_dir), cpus_per_worker=plan.cpus_per_worker,
+                   gpus_per_worker=plan.gpus_per_worker if spec.tune.resources.gpus_per_trial else 0.0,
+                   weights=dict(spec.tune.objective), copy_checkpoints=spec.tune.scheduler.name == "pbt"),
+        {"CPU": TRIAL_CPU})
+    if resume:
+        if not tune.Tuner.can_restore(str(experiment)):
+            raise SpecError([f"--resume: no Tune experiment to continue at {experiment} (the sweep stopped before "
+                             "Tune saved its state); start the sweep again without --resume"])
+        # finished trials keep their results; unfinished and errored ones continue from their last checkpoint
+        tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_unfinished=True,
+                                   resume_errored=True, param_space=param_space)
+    else:
+        metric, mode = tune_config_metric(spec.tune)
+        tuner = tune.Tuner(
+            trainable, param_space=param_space,
+            tune_config=tune.TuneConfig(metric=metric, mode=mode, num_samples=spec.tune.num_samples,
+                                        search_alg=search_alg, scheduler=scheduler,
+                                        max_concurrent_trials=plan.concurrent),
+            run_config=tune.RunConfig(name=ray_name, storage_path=str(sweep_dir / "ray"),
+                                      verbose=1 if progress else 0),
+        )
     grid = tuner.fit()
-    trials = []
-    for r in grid:
-        row = {"overrides": overrides_from_config(r.config or {}),
-               "metrics": {k: v for k, v in (r.metrics or {}).items() if isinstance(v, (int, float)) or k == "mlflow_run_id"},
-               "error": str(r.error).splitlines()[0] if r.error else None}
-        trials.append(row)
-    ok = [t for t in trials if spec.tune.metric in t["metrics"]]
-    if not ok:
+    rows, frames = _trial_rows(grid)
+    best = best_index([r["metrics"] for r in rows], spec.tune)
+    if best is None:
         parent.finish("FAILED")
-        errors = "; ".join(t["error"] for t in trials if t["error"])[:2000]
-        raise SpecError([f"tune: no trial reported {spec.tune.metric} ({errors or 'no errors recorded'})"])
-    pick = min if spec.tune.mode == "min" else max
-    best = pick(ok, key=lambda t: t["metrics"][spec.tune.metric])
-    parent.log_params({f"best.{k}": v for k, v in best["overrides"].items()})
-    best_run = best["metrics"].get("mlflow_run_id")
-    model_uri = None
+        errors = "; ".join(r["error"] for r in rows if r["error"])[:2000]
+        raise SpecError([f"tune: no trial reported {', '.join(objective_metrics(spec.tune))} "
+                         f"({errors or 'no errors recorded'})"])
+    chosen = rows[best]
+    table = _log_results(parent, sweep_dir, rows, frames, spec, best)
+    parent.log_params({f"best.{k}": v for k, v in chosen["overrides"].items()})
+    best_run = chosen["metrics"].get("mlflow_run_id")
+    model_uri, promotion = None, ""
     if spec.track.register_model and best_run:
-        from raygen.tracking.models import register
-        model_uri = register(tracking_uri, best_run, spec.name)
-        parent.set_tags({"raygen.best_run_id": best_run, "raygen.model_uri": model_uri})
-    parent.log_metrics({f"best_{spec.tune.metric}": best["metrics"][spec.tune.metric],
-                        "trials": float(len(trials)), "trials_failed": float(sum(1 for t in trials if t["error"]))})
-    (sweep_dir / "results.json").write_text(json.dumps({"best": best, "trials": trials}, indent=2, default=str))
-    parent.log_artifact(sweep_dir / "results.json")
+        model_uri, promotion = _register_best(spec, tracking_uri, best_run)
+        parent.set_tags({"raygen.best_run_id": best_run, "raygen.model_uri": model_uri, "raygen.promotion": promotion})
+    parent.log_metrics({**{f"best_{m}": float(chosen["metrics"][m]) for m in shown_metrics(spec.tune)},
+                        "trials": float(len(rows)), "trials_failed": float(sum(1 for r in rows if r["error"]))})
+    (sweep_dir / res.RESULTS).write_text(json.dumps({"best": chosen, "trials": rows}, indent=2, default=str))
+    parent.log_artifact(sweep_dir / res.RESULTS)  # spec.yaml is there since the start (open_run)
     parent.finish()
-    return TuneResult(best_overrides=best["overrides"], best_metrics=best["metrics"], trials=trials,
-                      parent_run_id=parent.run_id, tracking_uri=tracking_uri, sweep_dir=sweep_dir, model_uri=model_uri)
+    return TuneResult(best_overrides=chosen["overrides"], best_metrics=chosen["metrics"], trials=rows,
+                      parent_run_id=parent.run_id, tracking_uri=tracking_uri, sweep_dir=sweep_dir,
+                      model_uri=model_uri, table=table, promotion=promotion)

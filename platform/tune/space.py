@@ -1,13 +1,19 @@
 """`tune.space` (dotted spec keys -> distributions) to a Ray Tune search space.
 
-Grid axes are expanded up front and filtered with `tune.filter` (the seeds'
-`$filter: ${stride} <= ${patch}`), then searched as one grid of override
-sets; other distributions are sampled by Tune for each grid point.
+Finite axes are expanded up front and filtered with `tune.filter` (the seeds'
+`$filter: ${stride} <= ${patch}`), so a filtered combination can never run:
+- search: random: the grid axes, searched as one grid of override sets; other
+  distributions are sampled by Tune for each grid point;
+- search: grid: the grid and choice axes alike (no sampled axes);
+- search: optuna: the choice axes the filter names, joined into one categorical
+  axis whose values are the allowed combinations (JSON text, which Optuna's
+  categorical distribution accepts), so TPE proposes only allowed ones.
 """
 from __future__ import annotations
 
 import ast
 import itertools
+import json
 import operator
 import re
 from typing import Any
@@ -82,13 +88,26 @@ def evaluate_filter(expression: str, values: dict[str, Any]) -> bool:
         raise SpecError([f"tune.filter: cannot evaluate '{expression}' ({err})"]) from None
 
 
+def finite_axes(spec: TuneSpec) -> list[str]:
+    """The axes expanded (and filtered) up front for this search."""
+    if spec.search == "grid":
+        return [k for k, v in spec.space.items() if next(iter(v)) in ("grid", "choice")]
+    if spec.search == "optuna":
+        named = set(filter_keys(spec.filter)) if spec.filter else set()
+        return [k for k, v in spec.space.items() if k in named and "choice" in v]
+    return [k for k, v in spec.space.items() if "grid" in v]
+
+
 def grid_points(spec: TuneSpec) -> list[dict[str, Any]]:
-    axes = {k: v["grid"] for k, v in spec.space.items() if "grid" in v}
+    keys = finite_axes(spec)
+    axes = {k: next(iter(spec.space[k].values())) for k in keys}
     if spec.filter:
         unknown = [k for k in filter_keys(spec.filter) if k not in axes]
         if unknown:
-            raise SpecError([f"tune.filter: references {', '.join(unknown)}, which are not grid axes of tune.space "
-                             "(a filter selects grid points; give those keys as {grid: [...]})"])
+            kind = {"random": "grid axes ({grid: [...]})", "grid": "grid or choice axes",
+                    "optuna": "choice axes ({choice: [...]})"}[spec.search]
+            raise SpecError([f"tune.filter: references {', '.join(unknown)}, which are not {kind} of tune.space "
+                             f"(with search: {spec.search} a filter selects among those)"])
     points = [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())] if axes else [{}]
     if spec.filter:
         points = [p for p in points if evaluate_filter(spec.filter, p)]
@@ -101,15 +120,20 @@ def build_param_space(spec: TuneSpec) -> dict[str, Any]:
     from ray import tune
     if not spec.space:
         raise SpecError(["tune.space: empty; give at least one key, e.g. {train.optimizer.lr: {loguniform: [1e-4, 1e-2]}}"])
-    space: dict[str, Any] = {k: _sampler(*next(iter(v.items()))) for k, v in spec.space.items() if "grid" not in v}
+    joined = set(finite_axes(spec))
+    space: dict[str, Any] = {k: _sampler(*next(iter(v.items()))) for k, v in spec.space.items() if k not in joined}
     points = grid_points(spec)
     if points != [{}]:
-        space[GRID_KEY] = tune.grid_search(points)
+        if spec.search == "optuna":
+            space[GRID_KEY] = tune.choice([json.dumps(p, sort_keys=True) for p in points])
+        else:
+            space[GRID_KEY] = tune.grid_search(points)
     return space
 
 
 def overrides_from_config(config: dict[str, Any]) -> dict[str, Any]:
     """A trial's config back to dotted spec overrides."""
     out = {k: v for k, v in config.items() if k != GRID_KEY}
-    out.update(config.get(GRID_KEY, {}))
+    point = config.get(GRID_KEY, {})
+    out.update(json.loads(point) if isinstance(point, str) else point)
     return out

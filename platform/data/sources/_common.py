@@ -41,20 +41,56 @@ def guess_geometry(first_image: bytes, where: str, resolution, channels: int | N
     return res, ch
 
 
+class LabelCoder:
+    """Labels as given (ints, numeric strings, class-name strings or None)
+    -> int labels (-1 for none) and class names, in two passes so a source
+    larger than memory never holds its labels: `see` every raw label, then
+    `finish` once, then `code` each label."""
+
+    def __init__(self):
+        self._strings: set[str] = set()  # distinct labels as text: one per class
+        self._ints: tuple[int, int] | None = None  # (min, max) while every label reads as an int
+        self._all_int = True
+        self._index: dict[str, int] | None = None
+
+    def see(self, value) -> None:
+        if value is None or value == "":
+            return
+        self._strings.add(str(value))
+        if self._all_int:
+            try:
+                n = int(value)
+            except (TypeError, ValueError):
+                self._all_int = False
+                return
+            lo, hi = self._ints or (n, n)
+            self._ints = (min(lo, n), max(hi, n))
+
+    def finish(self, known_names: list[str] | None = None) -> list[str]:
+        """The class names (raises DataError for a label below -1)."""
+        if not self._strings:
+            return []
+        if not self._all_int:
+            names = sorted(self._strings)
+            self._index = {n: i for i, n in enumerate(names)}
+            return names
+        lo, hi = self._ints
+        if lo < -1:
+            raise DataError(f"labels must be >= 0 (or -1 for none); found {lo}")
+        n = max(hi, -1) + 1
+        return list(known_names) if known_names and len(known_names) >= n else [str(i) for i in range(n)]
+
+    def code(self, value) -> int:
+        if value is None or value == "":
+            return -1
+        return self._index[str(value)] if self._index is not None else int(value)
+
+
 def encode_labels(values: list, known_names: list[str] | None = None) -> tuple[list[int], list[str]]:
     """Labels as given (ints, numeric strings, class-name strings or None)
     -> (int labels with -1 for none, class names)."""
-    present = [v for v in values if v is not None and v != ""]
-    if not present:
-        return [-1] * len(values), []
-    try:
-        ints = [int(v) if v is not None and v != "" else -1 for v in values]
-    except (TypeError, ValueError):
-        names = sorted({str(v) for v in present})
-        index = {n: i for i, n in enumerate(names)}
-        return [index[str(v)] if v is not None and v != "" else -1 for v in values], names
-    if min(ints) < -1:
-        raise DataError(f"labels must be >= 0 (or -1 for none); found {min(ints)}")
-    n = max(ints) + 1
-    names = list(known_names) if known_names and len(known_names) >= n else [str(i) for i in range(n)]
-    return ints, names
+    coder = LabelCoder()
+    for v in values:
+        coder.see(v)
+    names = coder.finish(known_names)
+    return [coder.code(v) for v in values], names

@@ -23,6 +23,7 @@ from typing import Sequence
 import torch
 
 from raygen.models.cascade.config import LevelDecoding
+from raygen.models.sampling import preview
 from raygen.models.cascade.transformer import Stepper
 
 
@@ -89,6 +90,7 @@ def decode(stepper: Stepper, generators: Sequence[torch.Generator],
             logits = stepper.feed(tokens.reshape(-1))
         else:
             stepper.finish(tokens.reshape(-1))
+        preview(t + 1, steps)  # progress only (a stream can stop here); the level's image comes when it is done
     best = torch.arange(n, device=scores.device) * h
     stepper.select(best)
     return scores[:, 0] / max(steps, 1)

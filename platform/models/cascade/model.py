@@ -26,7 +26,7 @@ from raygen.models.cascade.beam import decode
 from raygen.models.cascade.config import CascadeConfig, CascadeSampling
 from raygen.models.cascade.transformer import BaseStepper, BaseTransformer, Refiner, RefinerStepper
 from raygen.models.conditions import Conditions
-from raygen.models.sampling import check_generators
+from raygen.models.sampling import check_generators, preview
 
 #: share of training labels dropped to the "no class" start token, so a label model also samples unconditioned
 LABEL_DROPOUT = 0.1
@@ -150,10 +150,13 @@ class CascadeGenerator(Generator):
         loglik = [decode(stepper, generators, params.for_level(0))]
         cond, first = stepper.tokens()
         tokens = [first]
+        # a preview per decoded level: coarse to fine, each a whole image at its level's detail
+        preview(1, last + 1, lambda: self.decode_tokens(0, first))
         for level in range(1, last + 1):
             stepper = RefinerStepper(self.refiners[level - 1], cond, tokens[-1], cached=params.cache)
             loglik.append(decode(stepper, generators, params.for_level(level)))
             tokens.append(stepper.tokens())
+            preview(level + 1, last + 1, lambda: self.decode_tokens(level, tokens[-1]))
         return {"cond": cond, "tokens": tokens, "loglik": loglik}
 
     @torch.no_grad()

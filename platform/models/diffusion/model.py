@@ -28,7 +28,7 @@ from raygen.models.diffusion.noise import SAMPLERS, NoiseProcess, make_sampler
 from raygen.models.diffusion.text_encoders import build_text_encoder
 from raygen.models.diffusion.unet import CondInputs, Denoiser, build_unet
 from raygen.models.sampling import (SamplingParams, check_generators, parse_params, per_image_randint,
-                                    per_image_randn)
+                                    per_image_randn, preview, progress_only)
 from raygen.models.text import TextEncoder
 
 #: seed of the fixed noise and timesteps that make the validation loss comparable from eval to eval
@@ -259,7 +259,8 @@ class DiffusionModel(Generator):
             null = self.conditioner.null(n, device) if scale != 1.0 else None
             if self.upscaler:  # the base's images first (same generators), noised to the sampling level
                 base = self.components["base"]
-                low = base.sample(conditions, parse_params(base.sampling_params, {}), generators).to(device)
+                with progress_only():  # the base's steps tick, its smaller images are not previews
+                    low = base.sample(conditions, parse_params(base.sampling_params, {}), generators).to(device)
                 level = torch.full((n,), self.config.super_resolution.sample_aug_level, device=device)
                 image = self.low_resolution(low, per_image_randn(generators, low.shape[1:]).to(device), level)
                 cond = replace(cond, image=image, class_labels=level)
@@ -271,10 +272,15 @@ class DiffusionModel(Generator):
             step_kwargs = SAMPLERS[sampler].step_kwargs(params)
             x = per_image_randn(generators, self.x_shape).to(device) * scheduler.init_noise_sigma
             gens = list(generators)
-            for t in scheduler.timesteps:
+            total = len(scheduler.timesteps)
+            for i, t in enumerate(scheduler.timesteps):
                 inp = scheduler.scale_model_input(x, t).to(dtype)
                 out = self.guided_prediction(inp, t, cond, null, scale, params.guidance_rescale).float()
-                x = scheduler.step(out, t, x, generator=gens, **step_kwargs).prev_sample
+                x_t, stepped = x, scheduler.step(out, t, x, generator=gens, **step_kwargs)
+                x = stepped.prev_sample
+                # a preview is the scheduler's x0 estimate (DPM-Solver++ keeps its own: estimated from out)
+                x0 = getattr(stepped, "pred_original_sample", None)
+                preview(i + 1, total, lambda: self.from_x(x0 if x0 is not None else self.noise.x0(x_t, out, t)))
             return self.from_x(x)
         finally:
             self.train(was_training)

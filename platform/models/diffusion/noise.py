@@ -92,6 +92,16 @@ class NoiseProcess:
             return self.scheduler.get_velocity(x0, noise, t)
         return x0
 
+    def x0(self, x_t: torch.Tensor, out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The x0 a prediction `out` at x_t implies (for samplers whose step does not return it)."""
+        a = self.alphas_cumprod.to(x_t.device)[t].clamp(min=1e-8)
+        pred = self.options.prediction
+        if pred == "epsilon":
+            return (x_t - (1 - a).sqrt() * out) / a.sqrt()
+        if pred == "v":
+            return a.sqrt() * x_t - (1 - a).sqrt() * out
+        return out
+
     def snr(self, t: torch.Tensor) -> torch.Tensor:
         a = self.alphas_cumprod.to(t.device)[t]
         return a / (1 - a).clamp(min=1e-12)

@@ -19,7 +19,7 @@ from torch import nn
 from raygen.models.base import DataInfo, Generator
 from raygen.models.capabilities import Capability
 from raygen.models.conditions import Conditions
-from raygen.models.sampling import SamplingParams, check_generators, per_image_randint
+from raygen.models.sampling import SamplingParams, check_generators, per_image_randint, preview
 from raygen.models.layers.positional import make_positional
 from raygen.models.seqimg.backbones import BackboneContext, build_backbone
 from raygen.models.seqimg.config import SeqImgConfig
@@ -193,6 +193,7 @@ class SeqImgModel(Generator):
                 image_patch, feed = self.head.sample(self.head(h), temperature=params.temperature,
                                                      top_k=params.top_k, generator=generators)
                 pixels.append(image_patch)
+                preview(t + 1, self.seq_len, lambda: self._so_far(pixels))
                 if t + 1 < self.seq_len:
                     x = self.embed(feed)
                     if pos is not None:
@@ -201,6 +202,13 @@ class SeqImgModel(Generator):
             return self.geometry.unpatchify(torch.stack(pixels, dim=1)).clamp(0, 1).float()
         finally:
             self.train(was_training)
+
+
+    def _so_far(self, pixels: list[torch.Tensor]) -> torch.Tensor:
+        """The patches decoded so far (raster order: rows), the rest mid-grey: a preview."""
+        done = torch.stack(pixels, dim=1).float()
+        rest = done.new_full((done.shape[0], self.seq_len - done.shape[1], done.shape[2]), 0.5)
+        return self.geometry.unpatchify(torch.cat([done, rest], dim=1)).clamp(0, 1)
 
 
 def build_seqimg(config: SeqImgConfig, data_info: DataInfo, components=None) -> SeqImgModel:
