@@ -52,6 +52,11 @@ CASES = [
     ("deepspeed-config-missing", {"scale": {"deepspeed_config": "nope.json"}}, "train",
      "scale.deepspeed_config: file not found: nope.json"),
     ("ema-zero3", {"scale": {"zero_stage": 3}}, "train", "train.ema.enabled: EMA needs full weights"),
+    # FID's few-step sampler takes the family's own sampling parameters, checked before anything trains
+    ("fid-sampling-unknown", {"track": {"fid": {"enabled": True, "sampling": {"num_inference_steps": 10}}}}, "train",
+     "track.fid.sampling: unknown sampling parameter 'num_inference_steps'; this model takes:"),
+    ("fid-sampling-bad-value", {"track": {"fid": {"enabled": True, "sampling": {"temperature": -1}}}}, "train",
+     "track.fid.sampling: temperature:"),
     # Tune needs its metric in every report: FID only where the FID hook runs at each eval/checkpoint step
     # (track.fid.every 0 is fine for a sweep: it measures FID at each report itself, raygen.tune.objective)
     ("fid-objective-off-cadence", {"tune": {"space": {"train.optimizer.lr": {"grid": [1e-3, 2e-3]}},

@@ -38,3 +38,19 @@ def test_sets_do_not_depend_on_the_batch_size():
 def test_grids_cycle_through_the_classes():
     assert cycling_conditions(_model(conditioning="label"), 5).values == (0, 1, 2, 0, 1)
     assert cycling_conditions(_model(), 2).values == (None, None)
+
+
+def test_fid_samples_take_the_specs_sampling_parameters():
+    """track.fid.sampling (e.g. a few-step sampler) reaches FID's samples: they are what
+    `sample` draws with those parameters, and not the model's defaults."""
+    from raygen.models import make_generators, parse_params
+    from raygen.models.sampling import image_seeds
+
+    model = _model(conditioning="label")
+    records = {"image": torch.rand(4, 1, 8, 8), "label": torch.tensor([2, 0, 1, 1])}
+    cold = generate(model, records, seed=3, params={"temperature": 0.1})
+    conditions = conditions_from_records(model, records, 4)
+    expected = model.sample(conditions, parse_params(model.sampling_params, {"temperature": 0.1}),
+                            make_generators(image_seeds(3, 4), "cpu"))
+    assert torch.equal(cold, expected)
+    assert not torch.equal(cold, generate(model, records, seed=3))

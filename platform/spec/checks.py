@@ -48,12 +48,24 @@ def spec_warnings(spec: JobSpec) -> list[str]:
 
 def _training_problems(spec: JobSpec) -> list[str]:
     problems = []
-    for check in (_ema_with_zero3, _deepspeed_config):
+    for check in (_ema_with_zero3, _deepspeed_config, _fid_sampling):
         try:
             check(spec)
         except SpecError as err:
             problems += err.problems
     return problems
+
+
+def _fid_sampling(spec: JobSpec) -> None:
+    """track.fid.sampling holds the family's sampling parameters: checked before anything trains."""
+    if not spec.track.fid.sampling:
+        return
+    from raygen.models.registry import get_family
+    from raygen.models.sampling import SamplingParamsError, parse_params
+    try:
+        parse_params(get_family(spec.model.family).sampling_params, spec.track.fid.sampling, strict=False)
+    except SamplingParamsError as err:
+        raise SpecError([f"track.fid.sampling: {err}"]) from None
 
 
 def _ema_with_zero3(spec: JobSpec) -> None:

@@ -222,6 +222,9 @@ class FIDSpec(Section):
     # a step count, never a time budget: a loaded machine must train the same net (same DomainFitConfig.steps)
     fit_steps: int = Field(450, ge=1, description="optimizer steps to fit the domain feature net (once per dataset; "
                                                   "part of its id, so FID is comparable only at one value)")
+    sampling: dict[str, Any] = Field(default_factory=dict, description="sampling parameters for FID's samples (the "
+                                     "family's `raygen sample --set` keys), e.g. {num_inference_steps: 10}: a few-step "
+                                     "sampler keeps FID cheap at the eval cadence; default: the model's own")
     enabled: bool = True
 
     @model_validator(mode="before")

@@ -58,7 +58,7 @@ class FIDHook(Hook):
 
         t0 = time.perf_counter()
         model = trainer.eval_model()
-        fake = generate(model, self.ref, seed=self.spec.train.seed + 1)
+        fake = generate(model, self.ref, seed=self.spec.train.seed + 1, params=self.spec.track.fid.sampling)
         result = self.evaluator(fake)
         took = time.perf_counter() - t0
         values = {"fid": result["fid"], "fid_stderr": result["fid_stderr"], "kid": result["kid"],

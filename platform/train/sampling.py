@@ -44,10 +44,12 @@ def conditions_from_records(model: Generator, records: dict[str, Any], n: int) -
 
 
 @torch.no_grad()
-def sample_set(model: Generator, conditions: Conditions, seed: int, batch: int = 64) -> torch.Tensor:
-    """Images for every condition with the family's default sampling parameters, drawn in batches."""
+def sample_set(model: Generator, conditions: Conditions, seed: int, batch: int = 64,
+               params: dict[str, Any] | None = None) -> torch.Tensor:
+    """Images for every condition, drawn in batches, with the family's default sampling
+    parameters updated by `params` (e.g. FID's few-step sampler, `track.fid.sampling`)."""
     require(model, Capability.SAMPLE)
-    params = parse_params(model.sampling_params, {})
+    params = parse_params(model.sampling_params, params or {}, strict=False)
     seeds = image_seeds(seed, conditions.n)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     out = []

@@ -8,11 +8,11 @@ import torch
 from raygen.spec.schema import JobSpec
 
 
-def generate(model, records: dict, seed: int, batch: int = 64) -> torch.Tensor:
+def generate(model, records: dict, seed: int, batch: int = 64, params: dict | None = None) -> torch.Tensor:
     """One sample per validation record, conditioned on that record (label for
     label, caption for caption, scene for scene), so FID compares like with like."""
     from raygen.train.sampling import conditions_from_records, sample_set
-    return sample_set(model, conditions_from_records(model, records, len(records["image"])), seed, batch)
+    return sample_set(model, conditions_from_records(model, records, len(records["image"])), seed, batch, params)
 
 
 def dataset_extractor(spec: JobSpec, data_dir: Path):
@@ -50,7 +50,8 @@ def compute_run_fid(spec: JobSpec, model, data_dir: Path, n: int) -> dict:
     ref = load_split_images(data_dir, "val", spec.data, limit=n)
     extractor = dataset_extractor(spec, data_dir)
     stats = reference_stats(ref["image"], extractor, cache_dir=cache_dir)
-    fake = generate(model, ref, seed=spec.train.seed + 1)  # conditioned on the val images it is compared with
+    # conditioned on the val images it is compared with; drawn as the FID hook draws them
+    fake = generate(model, ref, seed=spec.train.seed + 1, params=spec.track.fid.sampling)
     result = compute_fid(fake, stats, extractor)
     result.update(scene_fidelity(model, ref, fake))
     train = load_split_images(data_dir, "train", spec.data, limit=stats.n)
