@@ -16,7 +16,7 @@ dashboard on 127.0.0.1, and a short private temp dir per node under one
 root (`nodes=1`: the head alone). The context returns once Ray lists the
 nodes alive. On exit it stops
 only its own processes, by pid (conftest.stop_own_ray_processes on that
-root), never `ray stop --force`.
+root), never Ray's forced stop, which would end every Ray process on the machine.
 
 Run tests that use it inside a loopback-only network namespace
 (`unshare -n bash -c 'ip link set lo up; ...'`): 127.0.0.2 is on `lo` there,

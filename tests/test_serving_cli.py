@@ -2,6 +2,7 @@
 with their own embedded Ray, bound to 127.0.0.1 on a free port, stopped by pid."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -42,6 +43,23 @@ def wait_healthy(proc: subprocess.Popen, url: str, log, timeout: float = 150.0) 
     pytest.fail(f"raygen serve did not become healthy in {timeout} s:\n{log.read_text()[-4000:]}")
 
 
+@contextlib.contextmanager
+def serve_cli(tmp_path: Path, *args: str):
+    """`raygen serve ARGS` as a user runs it: a subprocess with its own embedded Ray (no RAY_ADDRESS),
+    its output in tmp_path/serve.log; killed by pid if the test leaves it running. Yields (process, log)."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "raygen.jobs.cli", "serve", *args],
+                                stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+    try:
+        yield proc, log
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+
+
 def stop_with_sigterm(proc: subprocess.Popen, url: str, log) -> None:
     """SIGTERM to the server we started: it shuts down cleanly (exit 0) and the port stops answering."""
     proc.send_signal(signal.SIGTERM)
@@ -61,18 +79,11 @@ def test_cli_serves_and_stops_on_sigterm(tmp_path, models):
     given = ["--model", str(model)] + (["--model", str(second)] if models == 2 else [])
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own embedded cluster
-    log = tmp_path / "serve.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            # no --replica-cpus: on a 2-core machine two models at 1 CPU each never fit; they get shares
-            [sys.executable, "-m", "raygen.jobs.cli", "serve", *given,
-             "--port", str(port), "--import", toy.FILE, "--set", "serve.max_n=4",
-             # a tiny queue and a short timeout, so overload and slowness can be shown
-             "--set", "serve.max_batch_size=1", "--set", "serve.max_queued_requests=1",
-             "--set", "serve.request_timeout_s=2"],
-            stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
-    try:
+    # no --replica-cpus: on a 2-core machine two models at 1 CPU each never fit; they get shares
+    with serve_cli(tmp_path, *given, "--port", str(port), "--import", toy.FILE, "--set", "serve.max_n=4",
+                   # a tiny queue and a short timeout, so overload and slowness can be shown
+                   "--set", "serve.max_batch_size=1", "--set", "serve.max_queued_requests=1",
+                   "--set", "serve.request_timeout_s=2") as (proc, log):
         wait_healthy(proc, url, log, timeout=300.0)
         printed = log.read_text()
         assert f"at {url}" in printed and "cli-toy: servetoy, 8x8x1, 2 classes, run cli-run" in printed
@@ -109,10 +120,6 @@ def test_cli_serves_and_stops_on_sigterm(tmp_path, models):
         assert time.monotonic() - started < 4.0  # cut off before the 4 s generation could finish
 
         stop_with_sigterm(proc, url, log)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=30)
 
 
 def test_cli_reports_a_bad_model_in_one_line(tmp_path):
@@ -217,12 +224,7 @@ def test_cli_serves_from_the_example_config_and_stops_on_sigterm(tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     url = f"http://127.0.0.1:{port}"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    log = tmp_path / "serve.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "raygen.jobs.cli", "serve", "--config", str(path)],
-                                stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
-    try:
+    with serve_cli(tmp_path, "--config", str(path)) as (proc, log):
         wait_healthy(proc, url, log, timeout=300.0)
         printed = log.read_text()
         assert f"1 model(s) at {url}" in printed and "cfg: servetoy, 8x8x1, unconditional, run cfg-run" in printed
@@ -233,10 +235,6 @@ def test_cli_serves_from_the_example_config_and_stops_on_sigterm(tmp_path):
         assert streamed.headers["content-type"].startswith("text/event-stream")
         assert streamed.text.startswith("event: result\n") and r.json()["images"][0]["png_base64"] in streamed.text
         stop_with_sigterm(proc, url, log)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=30)
 
 
 def test_cli_serves_in_process_without_ray_and_stops_on_sigterm(tmp_path):
@@ -245,13 +243,7 @@ def test_cli_serves_in_process_without_ray_and_stops_on_sigterm(tmp_path):
                            class_names=["on", "off"], conditioning="label", run_id="inproc-run")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    log = tmp_path / "serve.log"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "raygen.jobs.cli", "serve", "--in-process", "--model", str(model),
-                                 "--port", str(port), "--import", toy.FILE],
-                                stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
-    try:
+    with serve_cli(tmp_path, "--in-process", "--model", str(model), "--port", str(port), "--import", toy.FILE) as (proc, log):
         wait_healthy(proc, url, log, timeout=120.0)
         assert "in process (no Ray)" in log.read_text()
         r = httpx.post(url + "/v1/generate", json={"n": 2, "label": "off", "seed": 3}, timeout=60)
@@ -267,10 +259,6 @@ def test_cli_serves_in_process_without_ray_and_stops_on_sigterm(tmp_path):
         assert "raygen serve: SIGTERM received, stopped" in log.read_text()
         with pytest.raises(httpx.HTTPError):
             httpx.get(url + "/healthz", timeout=2)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=30)
 
 
 def test_in_process_refuses_an_address(tmp_path):
