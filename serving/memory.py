@@ -157,7 +157,9 @@ def measure_sample(model, *, batch: int, probe: ResidentProbe, device: str = "cp
                               "resident_bytes": None, "ratio": None, "target_ratio": TARGET_RATIO,
                               "warmup_ms": None, "note": None}
     try:
-        conditions = Conditions.repeat(model.condition_kind, None, batch)
+        from raygen.models.conditions import get_kind
+        example = get_kind(model.condition_kind).example(model.data_info)  # a scene model needs a scene
+        conditions = Conditions.repeat(model.condition_kind, example, batch)
         params = model.sampling_params()
         started = time.perf_counter()
         tracker = LiveTensorBytes()
@@ -165,7 +167,7 @@ def measure_sample(model, *, batch: int, probe: ResidentProbe, device: str = "cp
             model.sample(conditions, params, make_generators(range(batch), device))
         report["warmup_ms"] = round((time.perf_counter() - started) * 1e3, 1)
     except Exception as err:  # noqa: BLE001 - a model that cannot sample without a condition value
-        report["note"] = f"not measured: a sample without a condition failed ({type(err).__name__}: {err})"
+        report["note"] = f"not measured: a sample with an example condition failed ({type(err).__name__}: {err})"
         return report
     resident = probe.peak_bytes()
     report.update(activation_bytes=tracker.peak, resident_bytes=resident,

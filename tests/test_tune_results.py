@@ -149,3 +149,20 @@ def test_best_model_becomes_champion_only_if_it_beats_the_champion(tmp_path):
     assert [d[1].split(":")[0] for d in decisions] == ["champion", "not champion", "champion"]
     assert "val_loss 0.7 ≥ 0.5 of champion version 1" in decisions[1][1]
     assert int(client(uri).get_model_version_by_alias("champ", "champion").version) == 3
+
+
+def test_a_trial_that_trained_nothing_reports_its_checkpoints_metrics(tmp_path):
+    """PBT can hand a trial a donor's last checkpoint: the run then trains no step and reports nothing
+    while training, yet Tune refuses a last report without the sweep's metric (the whole sweep fails)."""
+    from raygen.tune.trial import final_report
+    donor = tmp_path / "step-4"
+    donor.mkdir()
+    (donor / "state.json").write_text(json.dumps({"train_state": {"step": 4},
+                                                  "metrics": {"val_loss": 0.25, "loss": 0.3}}))
+    final = final_report({}, donor, {}, {})
+    assert final["val_loss"] == 0.25 and final["step"] == 4.0
+    # what the finished run knows wins over the checkpoint's, which wins over the earlier reports
+    final = final_report({"fid": 3.0, "val_loss": 0.2}, donor, {"val_loss": 0.9, "lr": 1e-3}, {})
+    assert (final["val_loss"], final["fid"], final["lr"], final["loss"]) == (0.2, 3.0, 1e-3, 0.3)
+    # no checkpoint at all: the last report's metrics carry over
+    assert final_report({}, None, {"val_loss": 0.4}, {})["val_loss"] == 0.4

@@ -64,6 +64,11 @@ class ConditionKind:
         """One value as text, for a grid's caption and for CLIP scoring; None: not text-like."""
         return None
 
+    def example(self, info: "DataInfo") -> Any:
+        """A valid per-image value for this model's data (None: the model samples without one), for
+        what must sample before any request comes: the serving memory probe, warm-ups."""
+        return None
+
 
 class NoneKind(ConditionKind):
     name, field, description = "none", "", "unconditional"
@@ -224,6 +229,19 @@ class SceneKind(ConditionKind):
             row.append(float(v))
         return row
 
+    def example(self, info):
+        """One object (and the globals) with every field at the middle of its trained range."""
+        def middle(column):
+            col = info.condition_columns.get(column) or {}
+            ranges = col.get("ranges") or {}
+            return {f: (sum(float(b) for b in ranges[f]) / 2 if f in ranges else 0.0) for f in col.get("fields", [])}
+        if not self._fields(info, self.objects_column):
+            return None
+        value = {"objects": [middle(self.objects_column)]}
+        if self._fields(info, self.globals_column):
+            value["globals"] = middle(self.globals_column)
+        return self.parse(value, info)
+
     def columns(self, values, info, device="cpu"):
         if any(v is None for v in values):
             raise ConditionError("every image needs a scene: this model renders scenes", self.field)
@@ -274,6 +292,9 @@ class ImageKind(ConditionKind):
 
     def from_batch(self, batch, info):
         return [img.float().cpu() for img in batch["image"]]
+
+    def example(self, info):
+        return torch.full((info.channels, info.height, info.width), 0.5)
 
 
 def decode_image(value: str | bytes, field: str = "image") -> torch.Tensor:

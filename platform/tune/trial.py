@@ -77,6 +77,17 @@ def _numbers(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str)) and not k.startswith("_")}
 
 
+def final_report(run_metrics: dict[str, Any], newest_checkpoint: Path | None, reported: dict[str, Any],
+                 weights: dict[str, float]) -> dict[str, Any]:
+    """A trial's last report to Tune: what it reported while training, under the newest checkpoint's
+    metrics (the donor's, for a PBT exploit of a finished trial), under what only the finished run knows."""
+    final = dict(run_metrics)
+    if newest_checkpoint is not None and (newest_checkpoint / "state.json").is_file():
+        saved = json.loads((newest_checkpoint / "state.json").read_text())
+        final = {**saved.get("metrics", {}), "step": float(_step_of(newest_checkpoint)), **final}
+    return {**reported, **with_objective(_numbers(final), weights)}
+
+
 def make_trial(base_raw: dict, *, parent_run_id: str, tracking_uri: str, sweep_dir: str,
                cpus_per_worker: float, gpus_per_worker: float, weights: dict[str, float], copy_checkpoints: bool):
     """The function trainable of a sweep (closed over plain values: Ray pickles it)."""
@@ -146,10 +157,12 @@ def make_trial(base_raw: dict, *, parent_run_id: str, tracking_uri: str, sweep_d
 
             worker = threading.Thread(target=train, name=f"raygen-trial-{trial_id}", daemon=True)
             worker.start()
+            last: dict[str, Any] = {}
             while (item := queue.get()) is not None:
                 metrics, train_ckpt = item
                 metrics = with_objective(_numbers(metrics), weights)
                 metrics["trial_run"] = run_dir.name
+                last.update(metrics)
                 if train_ckpt is None:
                     ray_tune.report(metrics)
                     continue
@@ -163,14 +176,12 @@ def make_trial(base_raw: dict, *, parent_run_id: str, tracking_uri: str, sweep_d
             if "error" in outcome:
                 raise outcome["error"]
             result = outcome["result"]
-            # one last report carrying what only the finished run knows (final FID, its MLflow run); a run
-            # restarted at its last step (Tune restored a finished trial) trained nothing: its metrics are
-            # the last checkpoint's, which Tune needs too (a report without its metric fails the sweep)
-            final = dict(result.metrics)
-            if result.checkpoint is not None:
-                saved = json.loads((result.checkpoint / "state.json").read_text())
-                final = {**saved.get("metrics", {}), "step": float(_step_of(result.checkpoint)), **final}
-            final = with_objective(_numbers(final), weights)
+            # one last report carrying what only the finished run knows (final FID, its MLflow run). A run
+            # that trained nothing (Tune restored a finished trial; PBT handed this trial a donor's last
+            # checkpoint) reported nothing: its metrics are that checkpoint's, which Tune needs too (a
+            # report without its metric fails the whole sweep)
+            final = final_report(result.metrics, result.checkpoint if result.checkpoint is not None else resume_from,
+                                 last, weights)
             final.update({"mlflow_run_id": result.run_id or "", "trial_run": run_dir.name})
             if weights and "objective" in final and result.run_id:
                 from raygen.tracking.store import client

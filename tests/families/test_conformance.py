@@ -75,6 +75,18 @@ def test_samples_have_the_right_shape_and_range(flavor):
     assert images.min() >= 0 and images.max() <= 1 and torch.isfinite(images).all()
 
 
+def test_the_condition_kinds_example_samples(flavor):
+    """What samples before any request (the serving memory probe) uses the kind's example value."""
+    fam, _, config, info = flavor
+    model = _build(flavor).eval()
+    if not has(model, Capability.SAMPLE):
+        pytest.skip(f"{fam.name} does not sample")
+    example = get_kind(model.condition_kind).example(info)
+    images = model.sample(Conditions.repeat(model.condition_kind, example, 2),
+                          parse_params(model.sampling_params, {}), make_generators(image_seeds(0, 2)))
+    assert images.shape == (2, *info.shape) and torch.isfinite(images).all()
+
+
 def test_a_batch_equals_one_by_one_sampling(flavor):
     fam, _, config, info = flavor
     model = _build(flavor).eval()
