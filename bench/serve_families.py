@@ -40,8 +40,9 @@ SIMPLE_KINDS = ("none", "label", "caption")
 
 
 def export_family(name: str, folder: Path):
-    """(export path, condition kind, DataInfo, flavor) for the family's first component-free debug flavor,
-    or (None, reason)."""
+    """(export path, condition kind, DataInfo, flavor) for the family's first debug flavor whose condition
+    the bench can fill in (else its last), or (None, reason). A flavor built on frozen components (the
+    cascade on its autoencoder) gets them exported first, as the earlier runs of a pipeline would."""
     import torch
 
     from raygen.exports import export_generator
@@ -49,20 +50,27 @@ def export_family(name: str, folder: Path):
     from raygen.spec import parse_spec
 
     family = get_family(name)
-    flavors = family.debug() if family.debug else {}
-    candidates = [(k, v) for k, v in flavors.items() if len(v) == 2]
-    # prefer a flavor whose condition the bench can fill in
-    for flavor, (config, info) in candidates:
+    flavors = list((family.debug() if family.debug else {}).items())
+    if not flavors:
+        return None, "no debug flavor", None, None
+    for flavor, (config, info, *rest) in flavors:
+        components = rest[0] if rest else {}
         torch.manual_seed(0)
-        model = build_model(name, config, info)
-        if model.condition_kind in SIMPLE_KINDS or flavor == candidates[-1][0]:
+        model = build_model(name, config, info, components)
+        if model.condition_kind in SIMPLE_KINDS or flavor == flavors[-1][0]:
+            exported = {}
+            for part, component in components.items():
+                part_spec = parse_spec({"model": {"family": component.family, "options": {}}})
+                exported[part] = str(export_generator(folder / f"{name}-{part}", component.state_dict(), part_spec,
+                                                      component.data_info))
             resolution = info.resolution or [info.height, info.width]
             spec = parse_spec({"name": f"bench-{name}", "data": {"resolution": resolution,
                                                                   "channels": info.channels},
-                               "model": {"family": name, "options": config.model_dump(mode="json")}})
+                               "model": {"family": name, "options": config.model_dump(mode="json"),
+                                         **({"components": exported} if exported else {})}})
             path = export_generator(folder / name, model.state_dict(), spec, info, meta={"run_id": f"bench-{name}"})
             return path, model.condition_kind, info, flavor
-    return None, "no debug flavor without frozen components", None, None
+    return None, "no debug flavor", None, None
 
 
 def example(schema: dict):

@@ -92,6 +92,9 @@ def test_every_rayjob_container_runs_the_raygen_image_with_token_auth(rayjob):
         env = {e["name"]: e for e in c["env"]}
         assert env["RAY_AUTH_MODE"]["value"] == "token"
         assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "raygen-ray-token"  # never inline
+        # every node reads s3:// with the same keys, from a secret too (docs/cluster.md: jobs never carry them)
+        assert {"secretRef": {"name": "raygen-s3", "optional": True}} in c["envFrom"]
+        assert not any(e["name"].startswith("AWS_") for e in c["env"])
     dockerfile = (REPO / "deploy" / "kuberay" / "Dockerfile").read_text()
     base = re.search(r"^FROM rayproject/ray:(\S+?)-py(\d)(\d+)-gpu$", dockerfile, re.M)
     assert base and base.group(1) == rayjob["spec"]["rayClusterSpec"]["rayVersion"]

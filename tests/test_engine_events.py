@@ -228,3 +228,36 @@ def test_fit_skips_non_finite_statistics(tmp_path):
     assert trainer.state.bad_steps == 1
     assert float(trainer.strategy.generator.count.sum()) == 3 * 2 * 8 * 64  # the bad step added nothing
     assert torch.isfinite(trainer.strategy.generator.mean).all()
+
+
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_deepspeed_resume_takes_the_specs_hyperparameters_and_the_checkpoints_moments(process_group, tmp_path,
+                                                                                      stage):
+    """A PBT exploit under DeepSpeed: the donor's moments and schedule position, the perturbed lr and betas."""
+    def spec(lr, betas):
+        base = spec_for("deepspeed", steps=4, grad_accum=1, eval_every=2, checkpoint_every=2, clip={"norm": None},
+                        optimizer={"name": "adam", "lr": lr, "betas": betas})
+        return base.model_copy(update={"scale": base.scale.model_copy(update={"zero_stage": stage})})
+
+    def make(lr, betas, folder):
+        s = spec(lr, betas)
+        return Trainer(spec=s, data_info=INFO, make_generator=lambda: build_model("toy", s.model.config, INFO),
+                       strategy=make_strategy(s, 1, torch.device("cpu")),
+                       train_data=ListBatches(toy_images(64), 8), val_data=ListBatches(toy_images(16, 9), 8),
+                       hooks=[], checkpoints=CheckpointManager(folder / "checkpoints"))
+
+    donor = make(1e-2, (0.9, 0.99), tmp_path / "donor")
+    donor.fit(stop_after=2)
+    ckpt = find_latest_checkpoint(tmp_path / "donor")
+    def moments(opt):  # ZeRO-2/3 key the state by their own flat fp32 partitions
+        return [v["exp_avg"].clone() for v in opt.state.values() if "exp_avg" in v]
+
+    donor_moments = moments(donor.strategy.scheduler.optimizer)
+    clone = make(3e-3, (0.8, 0.95), tmp_path / "clone")
+    clone.setup(ckpt)
+    optimizer = clone.strategy.scheduler.optimizer  # the torch Adam DeepSpeed drives
+    assert clone.strategy.lr() == pytest.approx(3e-3)
+    assert all(g["lr"] == pytest.approx(3e-3) and tuple(g["betas"]) == (0.8, 0.95) for g in optimizer.param_groups)
+    loaded = moments(optimizer)
+    assert len(loaded) == len(donor_moments) > 0
+    assert all(torch.equal(a, b) for a, b in zip(loaded, donor_moments))  # the donor's, not fresh zeros

@@ -206,7 +206,9 @@ class DeepSpeedStrategy(Strategy):
         self.engine.save_checkpoint(str(folder / "deepspeed"), tag="state", save_latest=False)
 
     def load(self, folder, rank):
-        path, _ = self.engine.load_checkpoint(str(folder / "deepspeed"), tag="state",
-                                              load_optimizer_states=True, load_lr_scheduler_states=True)
+        from raygen.train.strategy import spec_hyperparameters_win
+        with spec_hyperparameters_win(self.scheduler):  # a PBT exploit's perturbed lr, betas... (see there)
+            path, _ = self.engine.load_checkpoint(str(folder / "deepspeed"), tag="state",
+                                                  load_optimizer_states=True, load_lr_scheduler_states=True)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load its state from {folder / 'deepspeed'}")

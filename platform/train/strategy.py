@@ -223,19 +223,30 @@ class DDPStrategy(Strategy):
     def load(self, folder, rank):
         from raygen.train.checkpoint import load_torch
         state = load_torch(folder / "optimizer.pt")
-        # The spec's hyperparameters win over the checkpoint's (a PBT exploit continues a
-        # donor's state with perturbed lr, betas, weight decay); for a plain resume they are equal.
-        spec_groups = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")}
-                       for g in self.optimizer.param_groups]
-        spec_base_lrs = list(self.scheduler.base_lrs)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        with spec_hyperparameters_win(self.scheduler):
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
-        self.scheduler.base_lrs = spec_base_lrs
-        for group, spec_group, base, factor in zip(self.optimizer.param_groups, spec_groups, spec_base_lrs,
-                                                   self.scheduler.lr_lambdas):
-            group.update(spec_group, initial_lr=base, lr=base * factor(self.scheduler.last_epoch))
-        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+
+
+@contextlib.contextmanager
+def spec_hyperparameters_win(scheduler):
+    """Around loading an optimizer and its LambdaLR schedule from a checkpoint: the spec's
+    hyperparameters (lr, betas, weight decay, momentum...) win over the checkpoint's, while its
+    moments and the schedule's position are kept. A PBT exploit continues a donor's state with
+    perturbed hyperparameters; for a plain resume they are equal. Under DeepSpeed too: the torch
+    optimizer it drives is the schedule's, whatever wrapper (ZeRO, fp16) sits around it."""
+    optimizer = scheduler.optimizer
+    spec_groups = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")}
+                   for g in optimizer.param_groups]
+    spec_base_lrs = list(scheduler.base_lrs)
+    yield
+    optimizer = scheduler.optimizer  # a loader may rebind it
+    scheduler.base_lrs = spec_base_lrs
+    for group, spec_group, base, factor in zip(optimizer.param_groups, spec_groups, spec_base_lrs,
+                                               scheduler.lr_lambdas):
+        group.update(spec_group, initial_lr=base, lr=base * factor(scheduler.last_epoch))
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
 
 
 class NoGradStrategy(Strategy):
