@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from raygen.spec import parse_spec
 from raygen.tune import run_tune
+from raygen.tune.trial import REPORTS_FILE
 
 # minutes on a loaded 2-core machine: two trials side by side, and a replaced one restarts its TorchTrainer
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1500)]
@@ -34,8 +35,10 @@ def tiny(tmp_path, tune: dict) -> dict:
 
 
 def reports(sweep_dir: Path) -> list[dict]:
+    """Every report of every trial, from the trials' own records (Tune rewrites a trial's result.json
+    when PBT restores it, so an exploited trial's earlier runs are not all there)."""
     rows = []
-    for f in sorted(sweep_dir.glob("ray/*/*/result.json")):
+    for f in sorted(sweep_dir.glob(f"trials/*/{REPORTS_FILE}")):
         rows += [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
     return rows
 
@@ -63,7 +66,9 @@ def test_pbt_exploit_starts_from_the_donors_checkpoint(ray_session, tmp_path):
         # the exploiting trainer's starting state: the donor's step and the donor's weights
         assert first["resumed_step"] == exploit["donor_step"]
         assert first["resumed_weights_norm"] == pytest.approx(norm_of(donor_ckpt), rel=1e-9)
-        assert first["step"] == exploit["donor_step"] + 2  # and its data position: it continues, not restarts
+        # and its data position: it continues, not restarts (an exploit of the donor's final checkpoint,
+        # which Tune's timing can make the only one, has no step left: its one report is at that step)
+        assert first["step"] == min(exploit["donor_step"] + 2, 8)
         donor_state = json.loads((donor_ckpt / "state.json").read_text())
         donor_lr = next(r["lr"] for r in all_reports if r.get("trial_run") == donor_ckpt.parent.parent.name
                         and r.get("step") == exploit["donor_step"])

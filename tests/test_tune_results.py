@@ -161,8 +161,8 @@ def test_a_trial_that_trained_nothing_reports_its_checkpoints_metrics(tmp_path):
                                                   "metrics": {"val_loss": 0.25, "loss": 0.3}}))
     final = final_report({}, donor, {}, {})
     assert final["val_loss"] == 0.25 and final["step"] == 4.0
-    # what the finished run knows wins over the checkpoint's, which wins over the earlier reports
-    final = final_report({"fid": 3.0, "val_loss": 0.2}, donor, {"val_loss": 0.9, "lr": 1e-3}, {})
-    assert (final["val_loss"], final["fid"], final["lr"], final["loss"]) == (0.2, 3.0, 1e-3, 0.3)
+    # what the finished run knows wins over what it reported, which wins over the checkpoint's
+    final = final_report({"fid": 3.0, "val_loss": 0.2}, donor, {"val_loss": 0.9, "lr": 1e-3, "loss": 0.4}, {})
+    assert (final["val_loss"], final["fid"], final["lr"], final["loss"], final["step"]) == (0.2, 3.0, 1e-3, 0.4, 4.0)
     # no checkpoint at all: the last report's metrics carry over
     assert final_report({}, None, {"val_loss": 0.4}, {})["val_loss"] == 0.4

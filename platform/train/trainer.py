@@ -6,6 +6,7 @@ and nothing of Ray (the Ray worker in `raygen.train.worker` assembles it).
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -224,6 +225,11 @@ class Trainer:
                 self.report({**self._report_metrics(metrics), **eval_metrics}, None)
             if pausing:
                 break
+        if getattr(self, "_resumed", None) and resume_from is not None:
+            # resumed at its last step (a PBT exploit of a donor's final checkpoint): no step ran, so
+            # no report said where it started; one report does, with that checkpoint's metrics
+            saved = json.loads((resume_from / "state.json").read_text()).get("metrics", {})
+            self.report({**saved, **self._report_metrics({**saved, "lr": self.strategy.lr()})}, None)
         self._fire("on_train_end")
         return self.last_metrics
 

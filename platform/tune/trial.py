@@ -32,6 +32,9 @@ from raygen.tune.space import overrides_from_config
 
 POINTER = "raygen_checkpoint.json"  # what raygen.train.worker reports to Ray Train, and this to Tune
 EXPLOIT_FILE = "exploit.json"       # in an exploiting trial's folder: which donor state it started from
+# every report a trial made, in its own folder: Tune rewrites a trial's result.json when PBT restores it,
+# so a trial that was exploited several times keeps only its last run's rows there
+REPORTS_FILE = "tune_reports.jsonl"
 
 
 def make_report_callback(queue):
@@ -77,15 +80,20 @@ def _numbers(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str)) and not k.startswith("_")}
 
 
+def _record(run_dir: Path, metrics: dict[str, Any]) -> None:
+    with open(run_dir / REPORTS_FILE, "a") as f:
+        f.write(json.dumps(metrics, default=str) + "\n")
+
+
 def final_report(run_metrics: dict[str, Any], newest_checkpoint: Path | None, reported: dict[str, Any],
                  weights: dict[str, float]) -> dict[str, Any]:
-    """A trial's last report to Tune: what it reported while training, under the newest checkpoint's
-    metrics (the donor's, for a PBT exploit of a finished trial), under what only the finished run knows."""
-    final = dict(run_metrics)
+    """A trial's last report to Tune: the newest checkpoint's metrics (the donor's, for a PBT exploit of
+    a finished trial), under what it reported (its own perturbed lr), under what only the finished run knows."""
+    saved: dict[str, Any] = {}
     if newest_checkpoint is not None and (newest_checkpoint / "state.json").is_file():
-        saved = json.loads((newest_checkpoint / "state.json").read_text())
-        final = {**saved.get("metrics", {}), "step": float(_step_of(newest_checkpoint)), **final}
-    return {**reported, **with_objective(_numbers(final), weights)}
+        saved = {**json.loads((newest_checkpoint / "state.json").read_text()).get("metrics", {}),
+                 "step": float(_step_of(newest_checkpoint))}
+    return with_objective(_numbers({**saved, **reported, **run_metrics}), weights)
 
 
 def make_trial(base_raw: dict, *, parent_run_id: str, tracking_uri: str, sweep_dir: str,
@@ -163,6 +171,7 @@ def make_trial(base_raw: dict, *, parent_run_id: str, tracking_uri: str, sweep_d
                 metrics = with_objective(_numbers(metrics), weights)
                 metrics["trial_run"] = run_dir.name
                 last.update(metrics)
+                _record(run_dir, metrics)
                 if train_ckpt is None:
                     ray_tune.report(metrics)
                     continue
@@ -186,5 +195,6 @@ def make_trial(base_raw: dict, *, parent_run_id: str, tracking_uri: str, sweep_d
             if weights and "objective" in final and result.run_id:
                 from raygen.tracking.store import client
                 client(tracking_uri).log_metric(result.run_id, "objective", final["objective"])  # for --if-better
+            _record(run_dir, final)
             ray_tune.report(final)
     return trial
